@@ -1,0 +1,9 @@
+"""Benchmark harness of mllm_kernels.
+
+* ``python -m benchmarks ops [--quick] [--out DIR] [--threads N]``: every op's C++ kernel
+  against the eager reference, timed side by side in one run, with the machine's measured
+  memory bandwidth; prints a markdown table and writes JSON, markdown and a PNG (with
+  matplotlib) into ``DIR``.
+* ``python -m pytest benchmarks --benchmark-only``: pytest-benchmark micro-benchmarks.
+* :func:`benchmarks.smoke.run_quick`: a tiny run for the test suite.
+"""

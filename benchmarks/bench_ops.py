@@ -1,0 +1,120 @@
+"""``python -m benchmarks ops``: every op's C++ kernel against the eager reference, side by side."""
+
+from __future__ import annotations
+
+import gc
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from . import report
+from .sizes import PRESETS, Sizes
+from .timing import compare, measure_bandwidth
+
+NOTES = [
+    "descend 'cached': the keys fit in the L3, so GB/s above the DRAM read bandwidth is expected.",
+    "descend / score_children read B*T*fanout*D*2 bytes of float16 keys per call (parents drawn "
+    "at random per query); descend_tree reads the whole top level and t*fanout children per "
+    "query at each lower level.",
+    "score_children fwd+bwd computes gradients for probes and keys (a dense [N, D] key gradient); "
+    "cls_pool fwd+bwd for x and q. Kernel and reference always run the same N.",
+]
+
+
+def _measure_kwargs(s: Sizes, threads: int) -> dict:
+    return dict(
+        threads=threads,
+        min_rounds=s.min_rounds,
+        max_rounds=s.max_rounds,
+        min_time_s=s.min_time_s,
+        block_s=s.block_s,
+    )
+
+
+def _log(verbose: bool, message: str) -> None:
+    if verbose:
+        print(message, file=sys.stderr, flush=True)
+
+
+def run_ops(
+    sizes: Sizes | str = "full",
+    *,
+    threads: int | None = None,
+    out_dir: str | Path | None = "bench_results",
+    only: list[str] | None = None,
+    verbose: bool = True,
+) -> dict:
+    """Run the op benchmarks and return the results dict (also written to ``out_dir``).
+
+    Args:
+        sizes: a :class:`Sizes` or a preset name (``"full"``, ``"quick"``, ``"smoke"``).
+        threads: torch intra-op threads (default: torch's current setting).
+        out_dir: where ``ops.json``, ``ops.md`` and ``ops_speedup.png`` go; None writes nothing.
+        only: run only the cases whose op name starts with one of these strings.
+        verbose: progress on stderr.
+
+    Returns:
+        ``{"preset", "machine", "bandwidth", "bandwidth_end", "cases", "notes", "files"}``; each
+        case has ``op``, ``params``, ``bytes``, ``kernel`` and ``reference`` stats (seconds),
+        ``speedup`` (+ ``speedup_min``/``speedup_max`` per round), ``kernel_gbps`` and
+        ``read_bw_fraction``, or ``error`` when the case failed.
+    """
+    from .cases import all_cases  # imports mllm_kernels, which needs the compiled library
+
+    preset = sizes if isinstance(sizes, str) else "custom"
+    s = PRESETS[sizes] if isinstance(sizes, str) else sizes
+    if threads is not None:
+        torch.set_num_threads(threads)
+    threads = torch.get_num_threads()
+    kw = _measure_kwargs(s, threads)
+    start = time.perf_counter()
+
+    _log(verbose, f"bandwidth: {s.bandwidth_bytes / 2**20:.0f} MiB buffers ...")
+    bandwidth = measure_bandwidth(s.bandwidth_bytes, **kw)
+    _log(verbose, f"  read {bandwidth['read_gbps']:.1f} GB/s, copy {bandwidth['copy_gbps']:.1f} GB/s")
+
+    cases = []
+    for op, build in all_cases(s):
+        if only and not any(op.startswith(o) for o in only):
+            continue
+        entry = {"op": op, "params": "", "bytes": 0}
+        try:
+            case = build()
+            entry.update(op=case.op, params=case.params, bytes=case.bytes)
+            _log(verbose, f"{case.op}: {case.params} ...")
+            entry.update(compare(case.kernel, case.reference, **kw))
+            entry["kernel_gbps"] = case.bytes / entry["kernel"]["median"] / 1e9
+            entry["reference_gbps"] = case.bytes / entry["reference"]["median"] / 1e9
+            _log(
+                verbose,
+                f"  kernel {entry['kernel']['median'] * 1e3:.3f} ms, reference "
+                f"{entry['reference']['median'] * 1e3:.3f} ms, speedup {entry['speedup']:.1f}x",
+            )
+        except Exception as error:  # a failing kernel must not hide the other results
+            entry["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            _log(verbose, traceback.format_exc())
+        cases.append(entry)
+        case = None
+        gc.collect()
+
+    bandwidth_end = measure_bandwidth(s.bandwidth_bytes, **kw)
+    read_gbps = max(bandwidth["read_gbps"], bandwidth_end["read_gbps"])
+    for entry in cases:
+        if "error" not in entry:
+            entry["read_bw_fraction"] = entry["kernel_gbps"] / read_gbps
+    results = {
+        "preset": preset,
+        "sizes": s.__dict__,
+        "machine": report.machine_info(threads),
+        "bandwidth": bandwidth,
+        "bandwidth_end": bandwidth_end,
+        "cases": cases,
+        "notes": NOTES,
+        "wall_s": time.perf_counter() - start,
+    }
+    if out_dir is not None:
+        results["files"] = report.write(results, out_dir)
+    return results

@@ -1,0 +1,204 @@
+"""The op benchmark cases: inputs, the two callables compared, and the bytes each op must move.
+
+Every case compares the C++ kernel (``backend="cpu"``) with the eager PyTorch reference
+(``backend="reference"``), both called through the public ``mllm_kernels.<op>`` API on the same
+inputs. ``bytes`` is the memory traffic the op cannot avoid (inputs read once, outputs written
+once); dividing it by the kernel's median time gives its effective bandwidth:
+
+* descend: per query, the ``T * fanout`` child keys (``D * itemsize`` each) and its probes;
+  plus parents read and the ``[B, t]`` ids and scores written.
+* descend_tree: the same per level; the top level reads all of its ``N_0`` keys per query.
+* score_children: the child keys and probes read, ``[B, T * fanout]`` scores and ids written;
+  forward+backward adds the keys read again, the score gradient read, the probe gradient
+  written and the dense ``[N, D]`` key gradient written.
+* cls_pool: ``x`` read once and ``[C, H, D]`` written; forward+backward adds ``x`` read again,
+  the output gradient read and the ``[N, D]`` gradient of ``x`` written.
+* chunk_offsets: the segment offsets read, chunk offsets and chunk segments written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+import mllm_kernels as mk
+
+from .sizes import Sizes
+
+KEY_DTYPE = torch.float16
+
+
+@dataclass
+class Case:
+    """One benchmark case: ``kernel`` and ``reference`` compute the same thing."""
+
+    op: str
+    params: str
+    kernel: Callable[[], object]
+    reference: Callable[[], object]
+    bytes: int
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+class Inputs:
+    """Seeded random inputs; a ``shared`` tensor is reused by the next case asking for the same
+    shape (the large keys and rows take seconds to fill), the one before it is released."""
+
+    def __init__(self, seed: int = 0):
+        self.gen = torch.Generator().manual_seed(seed)
+        self._shared: tuple = ((), None)
+
+    def rand(self, shape, dtype=KEY_DTYPE, shared: bool = False) -> torch.Tensor:
+        """Uniform in [-1, 1)."""
+        shape = tuple(shape)
+        if shared and self._shared[0] == (shape, dtype):
+            return self._shared[1]
+        if shared:
+            self._shared = ((), None)
+        tensor = torch.empty(shape, dtype=dtype).uniform_(-1.0, 1.0, generator=self.gen)
+        if shared:
+            self._shared = ((shape, dtype), tensor)
+        return tensor
+
+
+def _random_parents(B: int, n_parents: int, T: int, gen) -> torch.Tensor:
+    """``[B, T]`` distinct parents per query, drawn independently for every query."""
+    if T >= n_parents:
+        return torch.arange(n_parents).repeat(B, 1)
+    weights = torch.ones(B, n_parents)
+    return torch.multinomial(weights, T, replacement=False, generator=gen)
+
+
+def _mb(n_bytes: int) -> str:
+    return f"{n_bytes / 1e6:,.1f} MB" if n_bytes >= 1e6 else f"{n_bytes / 1e3:,.0f} kB"
+
+
+def _both(fn: Callable[[str], object]):
+    """``(kernel, reference)`` callables from ``fn(backend)``."""
+    return (lambda: fn("cpu")), (lambda: fn("reference"))
+
+
+def descend_case(s: Sizes, n: int, inp: Inputs, label: str) -> Case:
+    """``descend`` on one level of ``n`` children with random parents per query."""
+    keys = inp.rand((n, s.D), shared=True)
+    probes = inp.rand((s.B, s.P, s.D))
+    parents = _random_parents(s.B, -(-n // s.fanout), s.T, inp.gen)
+    kernel, ref = _both(lambda b: mk.descend(probes, keys, parents, s.fanout, s.t, backend=b))
+    item = keys.element_size()
+    n_bytes = s.B * s.T * s.fanout * s.D * item + probes.nbytes + parents.nbytes + s.B * s.t * 12
+    params = f"{label}: N={n:,} ({_mb(keys.nbytes)} keys) B={s.B} P={s.P} T={s.T} t={s.t}"
+    return Case("descend", params, kernel, ref, n_bytes)
+
+
+def tree_level_sizes(leaves: int, fanout: int) -> list[int]:
+    """Level sizes top to bottom, ``N_parent = ceil(N_child / fanout)``, top level <= fanout."""
+    sizes = [leaves]
+    while sizes[-1] > fanout:
+        sizes.append(-(-sizes[-1] // fanout))
+    return sizes[::-1]
+
+
+def descend_tree_case(s: Sizes, inp: Inputs) -> Case:
+    """``descend_tree`` over a whole random tree of ``s.tree_leaves`` leaves."""
+    sizes = tree_level_sizes(s.tree_leaves, s.fanout)
+    keys = [inp.rand((n, s.D), shared=n == sizes[-1]) for n in sizes]
+    probes = [inp.rand((s.B, s.P, s.D)) for _ in sizes]
+    kernel, ref = _both(lambda b: mk.descend_tree(probes, keys, s.fanout, s.t, backend=b))
+    item = KEY_DTYPE.itemsize
+    n_bytes = s.B * sizes[0] * s.D * item
+    n_bytes += sum(s.B * min(s.t * s.fanout, n) * s.D * item for n in sizes[1:])
+    n_bytes += sum(p.nbytes for p in probes) + len(sizes) * s.B * s.t * 12
+    levels = " -> ".join(f"{n:,}" for n in sizes)
+    params = f"levels {levels} B={s.B} P={s.P} t={s.t}"
+    return Case("descend_tree", params, kernel, ref, n_bytes)
+
+
+def score_children_case(s: Sizes, n: int, inp: Inputs, backward: bool) -> Case:
+    """``score_children`` forward, or forward+backward with gradients for probes and keys."""
+    keys = inp.rand((n, s.D), shared=not backward)
+    probes = inp.rand((s.B, s.P, s.D))
+    parents = _random_parents(s.B, -(-n // s.fanout), s.T, inp.gen)
+    slots = s.B * s.T * s.fanout
+    n_bytes = slots * (s.D * keys.element_size() + 4 + 8) + probes.nbytes + parents.nbytes
+    if not backward:
+        kernel, ref = _both(lambda b: mk.score_children(probes, keys, parents, s.fanout, backend=b))
+        op = "score_children"
+    else:
+        probes.requires_grad_(True)
+        keys.requires_grad_(True)
+        grad_scores = torch.randn(s.B, s.T * s.fanout, generator=inp.gen)
+
+        def step(backend):
+            scores, _ = mk.score_children(probes, keys, parents, s.fanout, backend=backend)
+            return torch.autograd.grad(scores, (probes, keys), grad_scores)
+
+        kernel, ref = _both(step)
+        n_bytes += slots * (s.D * keys.element_size() + 4) + probes.nbytes + keys.nbytes
+        op = "score_children fwd+bwd"
+    params = f"N={n:,} ({_mb(keys.nbytes)} keys) B={s.B} P={s.P} T={s.T}"
+    return Case(op, params, kernel, ref, n_bytes)
+
+
+def chunk_offsets_of_rows(n: int, chunk_size: int) -> torch.Tensor:
+    """Offsets of consecutive ``chunk_size``-row chunks covering ``n`` rows (last may be short)."""
+    offsets = torch.arange(0, n, chunk_size, dtype=torch.int64)
+    return torch.cat([offsets, torch.tensor([n], dtype=torch.int64)])
+
+
+def cls_pool_case(s: Sizes, n: int, heads: int, inp: Inputs, backward: bool) -> Case:
+    """``cls_pool`` of ``n`` rows in chunks of ``s.chunk_size`` with ``heads`` CLS queries."""
+    x = inp.rand((n, s.D), shared=not backward)
+    q = inp.rand((heads, s.D))
+    offsets = chunk_offsets_of_rows(n, s.chunk_size)
+    C = offsets.numel() - 1
+    out_bytes = C * heads * s.D * x.element_size()
+    n_bytes = x.nbytes + out_bytes + offsets.nbytes
+    if not backward:
+        kernel, ref = _both(lambda b: mk.cls_pool(x, q, offsets, backend=b))
+        op = "cls_pool"
+    else:
+        x.requires_grad_(True)
+        q.requires_grad_(True)
+        grad_out = inp.rand((C, heads, s.D))
+
+        def step(backend):
+            pooled = mk.cls_pool(x, q, offsets, backend=backend)
+            return torch.autograd.grad(pooled, (x, q), grad_out)
+
+        kernel, ref = _both(step)
+        n_bytes += 2 * x.nbytes + out_bytes
+        op = "cls_pool fwd+bwd"
+    params = f"N={n:,} ({_mb(x.nbytes)}) D={s.D} H={heads} chunk={s.chunk_size}"
+    return Case(op, params, kernel, ref, n_bytes)
+
+
+def chunk_offsets_case(s: Sizes, inp: Inputs) -> Case:
+    """``chunk_offsets`` of ``s.segments`` segments of random length (some empty)."""
+    lengths = torch.randint(0, s.max_segment + 1, (s.segments,), generator=inp.gen)
+    seg = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    n_chunks = int(((lengths + s.chunk_size - 1) // s.chunk_size).sum())
+    kernel, ref = _both(lambda b: mk.chunk_offsets(seg, s.chunk_size, backend=b))
+    n_bytes = seg.nbytes + (2 * n_chunks + 1) * 8
+    params = f"S={s.segments:,} segments -> C={n_chunks:,} chunks of {s.chunk_size}"
+    return Case("chunk_offsets", params, kernel, ref, n_bytes)
+
+
+def all_cases(s: Sizes, seed: int = 0) -> list[tuple[str, Callable[[], Case]]]:
+    """``(op, build)`` for every case, in run order; ``build()`` makes the inputs, so a run builds
+    one case at a time and frees it before the next."""
+    inp = Inputs(seed)
+    return [
+        ("descend", lambda: descend_case(s, s.n_cached, inp, "cached")),
+        ("descend", lambda: descend_case(s, s.n_large, inp, "beyond cache")),
+        ("score_children", lambda: score_children_case(s, s.n_large, inp, backward=False)),
+        ("descend_tree", lambda: descend_tree_case(s, inp)),
+        ("cls_pool", lambda: cls_pool_case(s, s.pool_rows, 1, inp, backward=False)),
+        ("cls_pool", lambda: cls_pool_case(s, s.pool_rows, 4, inp, backward=False)),
+        ("score_children", lambda: score_children_case(s, s.n_grad, inp, backward=True)),
+        ("cls_pool", lambda: cls_pool_case(s, s.pool_rows_grad, 1, inp, backward=True)),
+        ("cls_pool", lambda: cls_pool_case(s, s.pool_rows_grad, 4, inp, backward=True)),
+        ("chunk_offsets", lambda: chunk_offsets_case(s, inp)),
+    ]

@@ -1,0 +1,131 @@
+"""Interleaved timing with ``torch.utils.benchmark`` and the memory bandwidth of this machine.
+
+The machines are shared and noisy, so callables that are compared are timed in alternating
+rounds (A B, B A, A B, ...): a burst of noise hits both sides, and the ratio of their medians is
+far steadier than two measurements taken one after the other.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch.utils.benchmark import Measurement, Timer
+
+
+@dataclass
+class Stats:
+    """Per-call seconds of one callable: median, inter-quartile range, min and max over blocks."""
+
+    median: float
+    iqr: float
+    min: float
+    max: float
+    blocks: int
+    calls_per_block: int
+
+    @property
+    def spread(self) -> float:
+        """IQR relative to the median."""
+        return self.iqr / self.median if self.median > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        """JSON-ready fields, plus the relative spread."""
+        return {**asdict(self), "spread": self.spread}
+
+
+def _calls_per_block(timer: Timer, block_s: float) -> int:
+    """Warm up, then pick how many calls make a block of about ``block_s`` seconds."""
+    first = timer.timeit(1).times[0]  # warm-up: first-call allocations, lazy initialisation
+    per_call = min(first, timer.timeit(1).times[0])
+    return max(1, min(100_000, int(block_s / max(per_call, 1e-9))))
+
+
+def measure_interleaved(
+    fns: Sequence[Callable[[], object]],
+    *,
+    threads: int,
+    min_rounds: int,
+    max_rounds: int,
+    min_time_s: float,
+    block_s: float,
+    names: Sequence[str] | None = None,
+) -> tuple[list[Stats], list[list[float]]]:
+    """Time ``fns`` in interleaved rounds, one block of calls of each per round.
+
+    The order alternates every round. Rounds go on until every callable has run ``min_time_s``
+    seconds in total and ``min_rounds`` rounds are done, or ``max_rounds`` rounds are done.
+
+    Returns:
+        ``(stats, rounds)``: the :class:`Stats` of each callable (over all its blocks), and for
+        each callable the per-call time of every round, so that per-round ratios can be taken.
+    """
+    names = list(names) if names is not None else [f"fn{i}" for i in range(len(fns))]
+    timers = [
+        Timer("fn()", globals={"fn": fn}, num_threads=threads, label="mllm_kernels", description=name)
+        for fn, name in zip(fns, names)
+    ]
+    numbers = [_calls_per_block(timer, block_s) for timer in timers]
+    blocks: list[list[Measurement]] = [[] for _ in fns]
+    spent = [0.0] * len(fns)
+    rounds = 0
+    while rounds < max_rounds and (rounds < min_rounds or min(spent) < min_time_s):
+        order = range(len(fns)) if rounds % 2 == 0 else reversed(range(len(fns)))
+        for i in order:
+            measurement = timers[i].timeit(numbers[i])
+            blocks[i].append(measurement)
+            spent[i] += measurement.times[0] * numbers[i]
+        rounds += 1
+    stats = []
+    for number, measured in zip(numbers, blocks):
+        merged = Measurement.merge(measured)[0]
+        stats.append(
+            Stats(merged.median, merged.iqr, min(merged.times), max(merged.times), len(measured), number)
+        )
+    per_round = [[m.times[0] for m in measured] for measured in blocks]
+    return stats, per_round
+
+
+def compare(kernel: Callable, reference: Callable, **kwargs) -> dict:
+    """Kernel vs reference, interleaved: both stats, the speedup and its per-round range.
+
+    ``speedup = median_reference / median_kernel``; ``speedup_min``/``speedup_max`` are the
+    smallest and largest ratio of the two blocks timed in the same round.
+    """
+    (k, r), (k_rounds, r_rounds) = measure_interleaved(
+        [kernel, reference], names=["kernel", "reference"], **kwargs
+    )
+    ratios = [rt / kt for kt, rt in zip(k_rounds, r_rounds) if kt > 0]
+    return {
+        "kernel": k.as_dict(),
+        "reference": r.as_dict(),
+        "speedup": r.median / k.median if k.median > 0 else float("nan"),
+        "speedup_min": min(ratios) if ratios else float("nan"),
+        "speedup_max": max(ratios) if ratios else float("nan"),
+        "speedup_round_median": statistics.median(ratios) if ratios else float("nan"),
+    }
+
+
+def measure_bandwidth(n_bytes: int, **kwargs) -> dict:
+    """Read and copy bandwidth (GB/s, 1e9 bytes) over float32 buffers of ``n_bytes``.
+
+    Read: ``buf.sum()`` (one pass, full bandwidth on 2 threads here). Copy: ``dst.copy_(src)``
+    counted as read + write bytes. The buffers should be far larger than the last-level cache.
+    """
+    numel = max(1, n_bytes // 4)
+    src = torch.rand(numel)
+    dst = torch.empty_like(src)
+    read_bytes = src.nbytes
+    (read, copy), _ = measure_interleaved(
+        [src.sum, lambda: dst.copy_(src)], names=["read", "copy"], **kwargs
+    )
+    del src, dst
+    return {
+        "buffer_bytes": read_bytes,
+        "read_gbps": read_bytes / read.median / 1e9,
+        "copy_gbps": 2 * read_bytes / copy.median / 1e9,
+        "read": read.as_dict(),
+        "copy": copy.as_dict(),
+    }

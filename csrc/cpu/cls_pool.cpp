@@ -1,0 +1,169 @@
+// cls_pool on the CPU: per-chunk, per-head attention pooling with an online softmax (x is read
+// once), and its backward, which recomputes the weights from the saved log-sum-exp.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "../checks.h"
+#include "../common/online_softmax.h"
+#include "kernels.h"
+#include "simd.h"
+
+namespace mllm::cpu {
+namespace {
+
+// Rows whose logits are computed before the accumulators are rescaled: one rescale per tile,
+// and the tile's rows are still in L1 when they are accumulated.
+constexpr int64_t kRowTile = 16;
+
+void check_cls_pool_inputs(const char* op, const at::Tensor& x, const at::Tensor& q, const at::Tensor& chunk_offsets,
+                           double scale) {
+  check_float(op, "x", x);
+  check_float(op, "q", q);
+  check_dim(op, "x", x, 2, "[N, D]");
+  check_dim(op, "q", q, 2, "[H, D]");
+  TORCH_CHECK_VALUE(q.size(1) == x.size(1), op, ": q must have D=", x.size(1), " columns like x, got ", q.size(1));
+  check_same_device(op, "x", x, "q", q);
+  check_same_device(op, "x", x, "chunk_offsets", chunk_offsets);
+  check_offsets(op, "chunk_offsets", chunk_offsets, x.size(0));
+  TORCH_CHECK_VALUE(std::isfinite(scale), op, ": scale must be a finite float, got ", scale);
+}
+
+template <typename Fn>
+void dispatch_x_and_compute(const at::Tensor& x, at::ScalarType acc, Fn&& fn) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cls_pool", [&] {
+    if (acc == at::kDouble) {
+      fn(scalar_t(0), double(0));
+    } else {
+      fn(scalar_t(0), float(0));
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> cls_pool(const at::Tensor& x, const at::Tensor& q, const at::Tensor& chunk_offsets,
+                                            double scale) {
+  const char* op = "cls_pool";
+  check_cls_pool_inputs(op, x, q, chunk_offsets, scale);
+  const at::ScalarType acc = compute_dtype(x, q);
+  const at::Tensor x_c = x.contiguous();
+  const at::Tensor q_scaled = (q.to(acc) * scale).contiguous();  // logits = <q_scaled, x_i>
+  const at::Tensor offsets = chunk_offsets.contiguous();
+  const int64_t dim = x.size(1), heads = q.size(0), num_chunks = offsets.numel() - 1;
+  at::Tensor pooled = empty_output({num_chunks, heads, dim}, x.options());
+  at::Tensor lse = empty_output({num_chunks, heads}, x.options().dtype(acc));
+
+  dispatch_x_and_compute(x, acc, [&](auto x_zero, auto acc_zero) {
+    using x_t = decltype(x_zero);
+    using acc_t = decltype(acc_zero);
+    const x_t* x_data = x_c.data_ptr<x_t>();
+    const acc_t* q_data = q_scaled.data_ptr<acc_t>();
+    const int64_t* offset_data = offsets.data_ptr<int64_t>();
+    x_t* pooled_data = pooled.data_ptr<x_t>();
+    acc_t* lse_data = lse.data_ptr<acc_t>();
+    at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> logits(kRowTile * heads), accum(heads * dim);
+      std::vector<OnlineSoftmax<acc_t>> softmax(heads);
+      for (int64_t c = begin; c < end; ++c) {
+        std::fill(accum.begin(), accum.end(), acc_t(0));
+        std::fill(softmax.begin(), softmax.end(), OnlineSoftmax<acc_t>());
+        for (int64_t tile = offset_data[c]; tile < offset_data[c + 1]; tile += kRowTile) {
+          const int64_t rows = std::min(kRowTile, offset_data[c + 1] - tile);
+          for (int64_t r = 0; r < rows; ++r)
+            multi_dot(q_data, heads, dim, x_data + (tile + r) * dim, logits.data() + r * heads);
+          for (int64_t h = 0; h < heads; ++h) {
+            acc_t tile_max = -INFINITY;
+            for (int64_t r = 0; r < rows; ++r) tile_max = std::max(tile_max, logits[r * heads + h]);
+            const acc_t factor = softmax[h].rescale_to(tile_max);
+            acc_t* acc_row = accum.data() + h * dim;
+            if (factor != acc_t(1))
+              for (int64_t d = 0; d < dim; ++d) acc_row[d] *= factor;
+            for (int64_t r = 0; r < rows; ++r)
+              axpy(acc_row, softmax[h].weigh(logits[r * heads + h]), x_data + (tile + r) * dim, dim);
+          }
+        }
+        for (int64_t h = 0; h < heads; ++h) {
+          const acc_t sum = softmax[h].sum;
+          const acc_t inv = sum > 0 ? acc_t(1) / sum : acc_t(0);
+          x_t* out = pooled_data + (c * heads + h) * dim;
+          const acc_t* acc_row = accum.data() + h * dim;
+          for (int64_t d = 0; d < dim; ++d) out[d] = static_cast<x_t>(acc_row[d] * inv);
+          lse_data[c * heads + h] = softmax[h].log_sum_exp();
+        }
+      }
+    });
+  });
+  return {pooled, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> cls_pool_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse,
+                                                     const at::Tensor& x, const at::Tensor& q,
+                                                     const at::Tensor& chunk_offsets, const at::Tensor& out,
+                                                     const at::Tensor& lse, double scale) {
+  const char* op = "cls_pool_backward";
+  check_cls_pool_inputs(op, x, q, chunk_offsets, scale);
+  const at::ScalarType acc = compute_dtype(x, q);
+  const at::Tensor x_c = x.contiguous();
+  const at::Tensor q_c = q.to(acc).contiguous();
+  const at::Tensor offsets = chunk_offsets.contiguous();
+  const int64_t dim = x.size(1), heads = q.size(0), num_chunks = offsets.numel() - 1, num_rows = x.size(0);
+  const at::Tensor grad_c = grad_out.to(acc).contiguous();
+  // delta[c, h] = <grad_out[c, h], out[c, h]>: the softmax backward's correction term.
+  at::Tensor delta = (grad_c * out.to(acc)).sum(-1);
+  if (grad_lse.has_value()) delta = delta - grad_lse->to(acc);
+  delta = delta.contiguous();
+  const at::Tensor lse_c = lse.to(acc).contiguous();
+
+  at::Tensor grad_x = empty_output({num_rows, dim}, x.options());
+  // Rows outside every chunk do not reach the output.
+  const int64_t first_row = offsets.data_ptr<int64_t>()[0];
+  const int64_t last_row = offsets.data_ptr<int64_t>()[num_chunks];
+  grad_x.narrow(0, 0, first_row).zero_();
+  grad_x.narrow(0, last_row, num_rows - last_row).zero_();
+  const int64_t num_threads = at::get_num_threads();
+  at::Tensor grad_q_parts = at::zeros({num_threads, heads, dim}, q_c.options());
+
+  dispatch_x_and_compute(x, acc, [&](auto x_zero, auto acc_zero) {
+    using x_t = decltype(x_zero);
+    using acc_t = decltype(acc_zero);
+    const x_t* x_data = x_c.data_ptr<x_t>();
+    const acc_t* q_data = q_c.data_ptr<acc_t>();
+    const acc_t* grad_data = grad_c.data_ptr<acc_t>();
+    const acc_t* delta_data = delta.data_ptr<acc_t>();
+    const acc_t* lse_data = lse_c.data_ptr<acc_t>();
+    const int64_t* offset_data = offsets.data_ptr<int64_t>();
+    x_t* grad_x_data = grad_x.data_ptr<x_t>();
+    acc_t* grad_q_data = grad_q_parts.data_ptr<acc_t>();
+    const acc_t s = static_cast<acc_t>(scale);
+    at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
+      acc_t* grad_q_local = grad_q_data + at::get_thread_num() * heads * dim;
+      // rows_2h = [scale * q; grad_out[c]]: one pass over x_i gives both dot products.
+      std::vector<acc_t> rows_2h(2 * heads * dim), dots(2 * heads), grad_row(dim);
+      for (int64_t h = 0; h < heads; ++h)
+        for (int64_t d = 0; d < dim; ++d) rows_2h[h * dim + d] = s * q_data[h * dim + d];
+      for (int64_t c = begin; c < end; ++c) {
+        std::copy(grad_data + c * heads * dim, grad_data + (c + 1) * heads * dim, rows_2h.begin() + heads * dim);
+        for (int64_t i = offset_data[c]; i < offset_data[c + 1]; ++i) {
+          const x_t* x_row = x_data + i * dim;
+          multi_dot(rows_2h.data(), 2 * heads, dim, x_row, dots.data());
+          std::fill(grad_row.begin(), grad_row.end(), acc_t(0));
+          for (int64_t h = 0; h < heads; ++h) {
+            const acc_t p = std::exp(dots[h] - lse_data[c * heads + h]);
+            const acc_t ds = p * (dots[heads + h] - delta_data[c * heads + h]);
+            axpy(grad_row.data(), p, rows_2h.data() + (heads + h) * dim, dim);  // p * grad_out[c, h]
+            axpy(grad_row.data(), ds, rows_2h.data() + h * dim, dim);           // ds * scale * q[h]
+            axpy(grad_q_local + h * dim, ds * s, x_row, dim);
+          }
+          x_t* grad_x_row = grad_x_data + i * dim;
+          for (int64_t d = 0; d < dim; ++d) grad_x_row[d] = static_cast<x_t>(grad_row[d]);
+        }
+      }
+    });
+  });
+  return {grad_x, grad_q_parts.sum(0).to(q.scalar_type())};
+}
+
+}  // namespace mllm::cpu

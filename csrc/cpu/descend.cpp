@@ -1,0 +1,144 @@
+// descend (one level) and descend_tree (every level in one parallel region) on the CPU.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <functional>
+
+#include "../checks.h"
+#include "descend_row.h"
+#include "kernels.h"
+
+namespace mllm::cpu {
+namespace {
+
+// Everything a level needs once its dtypes are known: the converted probes kept alive, and
+// a type-erased row function.
+struct PreparedLevel {
+  at::Tensor probes;  // [B, P, D] in the compute dtype
+  at::Tensor keys;    // contiguous
+  at::Tensor mask;    // contiguous bool, or undefined
+  at::Tensor ids;     // [B, t] output
+  at::Tensor scores;  // [B, t] output
+  int64_t t;
+  // Runs the level for query row b over the children of parents[0 .. num_parents).
+  std::function<void(int64_t b, const int64_t* parents, int64_t num_parents, int64_t fanout, bool skip_repeated)>
+      run_row;
+};
+
+PreparedLevel prepare_level(const at::Tensor& probes, const at::Tensor& keys, const std::optional<at::Tensor>& mask,
+                            int64_t t, bool lse) {
+  PreparedLevel level;
+  const at::ScalarType acc = compute_dtype(probes, keys);
+  level.probes = probes.to(acc).contiguous();
+  level.keys = keys.contiguous();
+  if (mask.has_value()) level.mask = mask->contiguous();
+  level.t = t;
+  const int64_t batch = probes.size(0);
+  level.ids = empty_output({batch, t}, probes.options().dtype(at::kLong));
+  level.scores = empty_output({batch, t}, probes.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, keys.scalar_type(), "descend", [&] {
+    using key_t = scalar_t;
+    auto bind = [&](auto acc_zero) {
+      using acc_t = decltype(acc_zero);
+      LevelView<key_t, acc_t> view{level.probes.data_ptr<acc_t>(),
+                                   level.keys.data_ptr<key_t>(),
+                                   level.mask.defined() ? level.mask.data_ptr<bool>() : nullptr,
+                                   level.probes.size(1),
+                                   level.probes.size(2),
+                                   level.keys.size(0),
+                                   lse};
+      acc_t* scores = level.scores.data_ptr<acc_t>();
+      int64_t* ids = level.ids.data_ptr<int64_t>();
+      level.run_row = [view, scores, ids, t](int64_t b, const int64_t* parents, int64_t num_parents, int64_t fanout,
+                                             bool skip_repeated) {
+        thread_local std::vector<acc_t> dots;
+        descend_row(view, b, parents, num_parents, fanout, skip_repeated, t, scores + b * t, ids + b * t, dots);
+      };
+    };
+    if (acc == at::kDouble) {
+      bind(double(0));
+    } else {
+      bind(float(0));
+    }
+  });
+  return level;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> descend(const at::Tensor& probes, const at::Tensor& keys, const at::Tensor& parents,
+                                           int64_t fanout, int64_t t, const std::string& reduce,
+                                           const std::optional<at::Tensor>& mask) {
+  const char* op = "descend";
+  check_level(op, probes, keys, mask);
+  check_at_least_one(op, "fanout", fanout);
+  check_at_least_one(op, "t", t);
+  const bool lse = parse_reduce(op, reduce);
+  check_parents(op, parents, probes, keys.size(0), fanout);
+  PreparedLevel level = prepare_level(probes, keys, mask, t, lse);
+  const at::Tensor parents_c = parents.contiguous();
+  const int64_t* parent_ids = parents_c.data_ptr<int64_t>();
+  const int64_t num_parents = parents_c.size(1);
+  at::parallel_for(0, probes.size(0), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) level.run_row(b, parent_ids + b * num_parents, num_parents, fanout, /*skip_repeated=*/true);
+  });
+  return {level.ids, level.scores};
+}
+
+std::vector<at::Tensor> descend_tree(const std::vector<at::Tensor>& probes, const std::vector<at::Tensor>& keys,
+                                     int64_t fanout, const std::vector<int64_t>& t, const std::string& reduce,
+                                     const std::vector<std::optional<at::Tensor>>& masks) {
+  const char* op = "descend_tree";
+  const size_t num_levels = keys.size();
+  TORCH_CHECK_VALUE(num_levels >= 1, op, ": keys must hold at least one level");
+  TORCH_CHECK_VALUE(probes.size() == num_levels, op, ": probes has ", probes.size(), " levels but keys has ",
+                    num_levels);
+  TORCH_CHECK_VALUE(t.size() == num_levels, op, ": t has ", t.size(), " entries but there are ", num_levels,
+                    " levels");
+  TORCH_CHECK_VALUE(masks.size() == num_levels, op, ": masks has ", masks.size(), " entries but there are ",
+                    num_levels, " levels");
+  check_at_least_one(op, "fanout", fanout);
+  const bool lse = parse_reduce(op, reduce);
+  for (size_t level = 0; level < num_levels; ++level) {
+    const std::string index = "[" + std::to_string(level) + "]";
+    TORCH_CHECK_VALUE(t[level] >= 1, op, ": t", index, " must be >= 1, got ", t[level]);
+    check_level(op, probes[level], keys[level], masks[level], "probes" + index, "keys" + index, "masks" + index);
+    TORCH_CHECK_VALUE(probes[level].size(0) == probes[0].size(0), op, ": probes", index, " has B=",
+                      probes[level].size(0), ", probes[0] has B=", probes[0].size(0));
+    check_same_device(op, "keys[0]", keys[0], "keys" + index, keys[level]);
+    if (level > 0) {
+      const int64_t children = keys[level].size(0);
+      const int64_t expected = ceil_div(children, fanout);
+      TORCH_CHECK_VALUE(keys[level - 1].size(0) == expected, op, ": keys[", level - 1, "] has ",
+                        keys[level - 1].size(0), " nodes but keys", index, " has ", children,
+                        ", so it must have ceil(", children, " / ", fanout, ") = ", expected);
+    }
+  }
+  std::vector<PreparedLevel> levels;
+  levels.reserve(num_levels);
+  for (size_t level = 0; level < num_levels; ++level)
+    levels.push_back(prepare_level(probes[level], keys[level], masks[level], t[level], lse));
+
+  // One parallel region: each query walks every level; the top level is the children of one
+  // virtual root that owns all its nodes, each lower level the children of the selection above.
+  const int64_t top_nodes = std::max<int64_t>(keys[0].size(0), 1);
+  const int64_t root = 0;
+  at::parallel_for(0, probes[0].size(0), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      levels[0].run_row(b, &root, 1, top_nodes, /*skip_repeated=*/false);
+      for (size_t level = 1; level < num_levels; ++level) {
+        const PreparedLevel& above = levels[level - 1];
+        levels[level].run_row(b, above.ids.data_ptr<int64_t>() + b * above.t, above.t, fanout, /*skip_repeated=*/false);
+      }
+    }
+  });
+  std::vector<at::Tensor> out;
+  for (const PreparedLevel& level : levels) {
+    out.push_back(level.ids);
+    out.push_back(level.scores);
+  }
+  return out;
+}
+
+}  // namespace mllm::cpu

@@ -1,0 +1,164 @@
+// score_children on the CPU: every child slot of the parents scored against all probes, and
+// its backward (gradients of the scores with respect to probes and keys).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <limits>
+#include <vector>
+
+#include "../checks.h"
+#include "../common/probe_reduce.h"
+#include "kernels.h"
+#include "simd.h"
+
+namespace mllm::cpu {
+namespace {
+
+// Calls fn(acc_zero) with a zero of the compute type (float or double), so a kernel can be
+// instantiated for it.
+template <typename Fn>
+void with_compute_type(at::ScalarType acc, Fn&& fn) {
+  if (acc == at::kDouble) {
+    fn(double(0));
+  } else {
+    fn(float(0));
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> score_children(const at::Tensor& probes, const at::Tensor& keys,
+                                                  const at::Tensor& parents, int64_t fanout, const std::string& reduce,
+                                                  const std::optional<at::Tensor>& mask) {
+  const char* op = "score_children";
+  check_level(op, probes, keys, mask);
+  check_at_least_one(op, "fanout", fanout);
+  const bool lse = parse_reduce(op, reduce);
+  check_parents(op, parents, probes, keys.size(0), fanout);
+
+  const at::ScalarType acc = compute_dtype(probes, keys);
+  const at::Tensor probes_c = probes.to(acc).contiguous();
+  const at::Tensor keys_c = keys.contiguous();
+  const at::Tensor parents_c = parents.contiguous();
+  const at::Tensor mask_c = mask.has_value() ? mask->contiguous() : at::Tensor();
+  const int64_t batch = probes.size(0), num_probes = probes.size(1), dim = probes.size(2);
+  const int64_t num_parents = parents.size(1), num_nodes = keys.size(0);
+  TORCH_CHECK_VALUE(num_parents == 0 || fanout <= std::numeric_limits<int64_t>::max() / num_parents, op,
+                    ": T * fanout overflows int64 (T=", num_parents, ", fanout=", fanout, ")");
+  const int64_t num_slots = num_parents * fanout;
+  at::Tensor scores = empty_output({batch, num_slots}, probes.options().dtype(acc));
+  at::Tensor child_ids = empty_output({batch, num_slots}, parents.options());
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, keys.scalar_type(), "score_children", [&] {
+    using key_t = scalar_t;
+    with_compute_type(acc, [&](auto acc_zero) {
+      using acc_t = decltype(acc_zero);
+      const acc_t* probe_data = probes_c.data_ptr<acc_t>();
+      const key_t* key_data = keys_c.data_ptr<key_t>();
+      const int64_t* parent_data = parents_c.data_ptr<int64_t>();
+      const bool* mask_data = mask_c.defined() ? mask_c.data_ptr<bool>() : nullptr;
+      acc_t* score_data = scores.data_ptr<acc_t>();
+      int64_t* id_data = child_ids.data_ptr<int64_t>();
+      const int64_t work = batch * num_parents;
+      at::parallel_for(0, work, 1, [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> dots(num_probes);
+        for (int64_t item = begin; item < end; ++item) {
+          const int64_t b = item / num_parents, j = item % num_parents;
+          const int64_t parent = parent_data[item];
+          for (int64_t k = 0; k < fanout; ++k) {
+            const int64_t slot = b * num_slots + j * fanout + k;
+            const int64_t child = parent < 0 ? -1 : parent * fanout + k;
+            if (parent < 0 || k >= num_nodes - parent * fanout || (mask_data != nullptr && !mask_data[child])) {
+              score_data[slot] = -INFINITY;
+              id_data[slot] = -1;
+              continue;
+            }
+            multi_dot(probe_data + b * num_probes * dim, num_probes, dim, key_data + child * dim, dots.data());
+            score_data[slot] = reduce_probes(dots.data(), num_probes, lse);
+            id_data[slot] = child;
+          }
+        }
+      });
+    });
+  });
+  return {scores, child_ids};
+}
+
+std::tuple<at::Tensor, at::Tensor> score_children_backward(const at::Tensor& grad_scores, const at::Tensor& probes,
+                                                           const at::Tensor& keys, const at::Tensor& child_ids,
+                                                           const std::string& reduce) {
+  const char* op = "score_children_backward";
+  const bool lse = parse_reduce(op, reduce);
+  const at::ScalarType acc = compute_dtype(probes, keys);
+  const at::Tensor grad_c = grad_scores.to(acc).contiguous();
+  const at::Tensor probes_c = probes.to(acc).contiguous();
+  const at::Tensor keys_c = keys.contiguous();
+  const at::Tensor ids_c = child_ids.contiguous();
+  const int64_t batch = probes.size(0), num_probes = probes.size(1), dim = probes.size(2);
+  const int64_t num_slots = ids_c.size(1), num_nodes = keys.size(0);
+  TORCH_CHECK_VALUE(grad_c.sizes() == ids_c.sizes() && ids_c.size(0) == batch, op,
+                    ": grad_scores and child_ids must both have shape [B, S]");
+
+  // coef[b, s, p] = d loss / d <probes[b, p], keys[child(b, s)]>
+  at::Tensor coef = at::zeros({batch, num_slots, num_probes}, probes_c.options());
+  at::Tensor grad_probes = at::zeros({batch, num_probes, dim}, probes_c.options());
+  at::Tensor grad_keys = at::zeros({num_nodes, dim}, probes_c.options());
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, keys.scalar_type(), "score_children", [&] {
+    using key_t = scalar_t;
+    with_compute_type(acc, [&](auto acc_zero) {
+      using acc_t = decltype(acc_zero);
+      const acc_t* probe_data = probes_c.data_ptr<acc_t>();
+      const acc_t* grad_data = grad_c.data_ptr<acc_t>();
+      const key_t* key_data = keys_c.data_ptr<key_t>();
+      const int64_t* id_data = ids_c.data_ptr<int64_t>();
+      acc_t* coef_data = coef.data_ptr<acc_t>();
+      acc_t* grad_probe_data = grad_probes.data_ptr<acc_t>();
+      acc_t* grad_key_data = grad_keys.data_ptr<acc_t>();
+
+      // Per query: recompute the probe scores of each child, turn the incoming gradient into
+      // per-probe coefficients, and accumulate the probes' gradient. Rows are independent.
+      at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> dots(num_probes), weights(num_probes);
+        for (int64_t b = begin; b < end; ++b) {
+          const acc_t* row_probes = probe_data + b * num_probes * dim;
+          for (int64_t s = 0; s < num_slots; ++s) {
+            const int64_t child = id_data[b * num_slots + s];
+            const acc_t grad = grad_data[b * num_slots + s];
+            if (child < 0 || grad == acc_t(0)) continue;
+            const key_t* key = key_data + child * dim;
+            multi_dot(row_probes, num_probes, dim, key, dots.data());
+            reduce_probes_grad(dots.data(), num_probes, lse, reduce_probes(dots.data(), num_probes, lse),
+                               weights.data());
+            for (int64_t p = 0; p < num_probes; ++p) {
+              const acc_t c = grad * weights[p];
+              coef_data[(b * num_slots + s) * num_probes + p] = c;
+              axpy(grad_probe_data + (b * num_probes + p) * dim, c, key, dim);
+            }
+          }
+        }
+      });
+
+      // Keys' gradient: several slots may share a child, so each thread owns a band of columns
+      // and visits every slot: no atomics, and the summation order is fixed (deterministic).
+      at::parallel_for(0, dim, 16, [&](int64_t col_begin, int64_t col_end) {
+        for (int64_t b = 0; b < batch; ++b) {
+          for (int64_t s = 0; s < num_slots; ++s) {
+            const int64_t child = id_data[b * num_slots + s];
+            if (child < 0) continue;
+            acc_t* out = grad_key_data + child * dim;
+            for (int64_t p = 0; p < num_probes; ++p) {
+              const acc_t c = coef_data[(b * num_slots + s) * num_probes + p];
+              if (c == acc_t(0)) continue;
+              axpy(out + col_begin, c, probe_data + (b * num_probes + p) * dim + col_begin, col_end - col_begin);
+            }
+          }
+        }
+      });
+    });
+  });
+  return {grad_probes.to(probes.scalar_type()), grad_keys.to(keys.scalar_type())};
+}
+
+}  // namespace mllm::cpu

@@ -1,0 +1,147 @@
+// Vectorised inner loops of the CPU kernels: several dot products against one row read once,
+// and a scaled row added to an accumulator. Half-precision rows are widened to float32 in
+// registers (F16C / AVX-512 conversions); accumulation is float32 (or float64 for float64).
+//
+// The SIMD paths are chosen at compile time from the target flags (setup.py builds with
+// -march=native unless MLLM_CPU_ARCH says otherwise); every other case uses the scalar loop.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <cstdint>
+#include <type_traits>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+
+namespace mllm::cpu {
+
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__AVX512F__) && defined(__AVX512BW__)
+#define MLLM_SIMD_WIDTH 16
+using vfloat = __m512;
+inline vfloat vzero() { return _mm512_setzero_ps(); }
+inline vfloat vset1(float v) { return _mm512_set1_ps(v); }
+inline vfloat vload(const float* p) { return _mm512_loadu_ps(p); }
+inline vfloat vload(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline vfloat vload(const c10::BFloat16* p) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm512_fmadd_ps(a, b, c); }
+inline float vsum(vfloat v) {
+  const __m256 lo = _mm512_castps512_ps256(v);
+  const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+  const __m256 v8 = _mm256_add_ps(lo, hi);
+  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v8), _mm256_extractf128_ps(v8, 1));
+  const __m128 pairs = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_add_ss(pairs, _mm_shuffle_ps(pairs, pairs, 1)));
+}
+inline void vstore(float* p, vfloat v) { _mm512_storeu_ps(p, v); }
+#elif (defined(__x86_64__) || defined(_M_X64)) && defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+#define MLLM_SIMD_WIDTH 8
+using vfloat = __m256;
+inline vfloat vzero() { return _mm256_setzero_ps(); }
+inline vfloat vset1(float v) { return _mm256_set1_ps(v); }
+inline vfloat vload(const float* p) { return _mm256_loadu_ps(p); }
+inline vfloat vload(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline vfloat vload(const c10::BFloat16* p) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm256_fmadd_ps(a, b, c); }
+inline float vsum(vfloat v) {
+  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 pairs = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_add_ss(pairs, _mm_shuffle_ps(pairs, pairs, 1)));
+}
+inline void vstore(float* p, vfloat v) { _mm256_storeu_ps(p, v); }
+#else
+#define MLLM_SIMD_WIDTH 0
+#endif
+
+// out[p] = <rows[p, :], x> for p < num_rows, reading x once. rows: [num_rows, dim] contiguous.
+template <typename acc_t, typename x_t>
+inline void multi_dot(const acc_t* rows, int64_t num_rows, int64_t dim, const x_t* x, acc_t* out) {
+  for (int64_t p = 0; p < num_rows; ++p) {
+    acc_t sum = 0;
+    const acc_t* row = rows + p * dim;
+    for (int64_t d = 0; d < dim; ++d) sum += row[d] * static_cast<acc_t>(x[d]);
+    out[p] = sum;
+  }
+}
+
+#if MLLM_SIMD_WIDTH
+namespace detail {
+// Up to four dot products sharing each load of x.
+template <int kRows, typename x_t>
+inline void dot_block(const float* rows, int64_t dim, const x_t* x, float* out) {
+  constexpr int W = MLLM_SIMD_WIDTH;
+  vfloat acc[kRows];
+  for (int r = 0; r < kRows; ++r) acc[r] = vzero();
+  int64_t d = 0;
+  for (; d + W <= dim; d += W) {
+    const vfloat xv = vload(x + d);
+    for (int r = 0; r < kRows; ++r) acc[r] = vfma(vload(rows + r * dim + d), xv, acc[r]);
+  }
+  for (int r = 0; r < kRows; ++r) {
+    float sum = vsum(acc[r]);
+    for (int64_t e = d; e < dim; ++e) sum += rows[r * dim + e] * static_cast<float>(x[e]);
+    out[r] = sum;
+  }
+}
+}  // namespace detail
+
+template <typename x_t>
+inline void multi_dot_simd(const float* rows, int64_t num_rows, int64_t dim, const x_t* x, float* out) {
+  int64_t p = 0;
+  for (; p + 4 <= num_rows; p += 4) detail::dot_block<4>(rows + p * dim, dim, x, out + p);
+  switch (num_rows - p) {
+    case 3: detail::dot_block<3>(rows + p * dim, dim, x, out + p); break;
+    case 2: detail::dot_block<2>(rows + p * dim, dim, x, out + p); break;
+    case 1: detail::dot_block<1>(rows + p * dim, dim, x, out + p); break;
+    default: break;
+  }
+}
+
+template <>
+inline void multi_dot<float, float>(const float* rows, int64_t n, int64_t dim, const float* x, float* out) {
+  multi_dot_simd(rows, n, dim, x, out);
+}
+template <>
+inline void multi_dot<float, c10::Half>(const float* rows, int64_t n, int64_t dim, const c10::Half* x,
+                                        float* out) {
+  multi_dot_simd(rows, n, dim, x, out);
+}
+template <>
+inline void multi_dot<float, c10::BFloat16>(const float* rows, int64_t n, int64_t dim,
+                                            const c10::BFloat16* x, float* out) {
+  multi_dot_simd(rows, n, dim, x, out);
+}
+#endif
+
+// acc[d] += weight * x[d].
+template <typename acc_t, typename x_t>
+inline void axpy(acc_t* acc, acc_t weight, const x_t* x, int64_t dim) {
+  int64_t d = 0;
+#if MLLM_SIMD_WIDTH
+  if constexpr (std::is_same_v<acc_t, float> && !std::is_same_v<x_t, double>) {
+    const vfloat w = vset1(weight);
+    for (; d + MLLM_SIMD_WIDTH <= dim; d += MLLM_SIMD_WIDTH)
+      vstore(acc + d, vfma(w, vload(x + d), vload(acc + d)));
+  }
+#endif
+  for (; d < dim; ++d) acc[d] += weight * static_cast<acc_t>(x[d]);
+}
+
+// Prefetches the row at `p` (`bytes` long) into the caches.
+inline void prefetch_row(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
+}
+
+}  // namespace mllm::cpu

@@ -1,0 +1,175 @@
+"""Input checks for the backends that are not the C++ extension (Triton, reference).
+
+The C++ kernels check the same things with ``TORCH_CHECK`` (``csrc/ops.cpp`` and the kernels),
+raising the same exception types: TypeError for dtypes, ValueError for shapes and values,
+IndexError for ids or offsets out of range. Messages name the op and the argument.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+REDUCTIONS = ("max", "lse")
+
+
+def _tensor(op, name, value):
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
+
+
+def _float(op, name, value):
+    _tensor(op, name, value)
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be float32, float16, bfloat16 or float64, got {value.dtype}")
+
+
+def _int64(op, name, value):
+    _tensor(op, name, value)
+    if value.dtype != torch.int64:
+        raise TypeError(f"{op}: {name} must be int64, got {value.dtype}")
+
+
+def _rank(op, name, value, dims):
+    if value.dim() != len(dims):
+        raise ValueError(f"{op}: {name} must have shape [{', '.join(dims)}], got {list(value.shape)}")
+
+
+def _positive_int(op, name, value):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{op}: {name} must be >= 1, got {value}")
+
+
+def _same_device(op, **tensors):
+    named = [(n, t) for n, t in tensors.items() if t is not None]
+    first_name, first = named[0]
+    for name, tensor in named[1:]:
+        if tensor.device != first.device:
+            raise ValueError(
+                f"{op}: all tensors must be on one device, {first_name} is on {first.device} "
+                f"and {name} on {tensor.device}"
+            )
+
+
+def check_offsets(op, name, offsets, num_rows=None):
+    """``offsets`` is int64 ``[K + 1]`` (K >= 0), non-decreasing, within ``[0, num_rows]``."""
+    _int64(op, name, offsets)
+    _rank(op, name, offsets, ["K + 1"])
+    if offsets.numel() < 1:
+        raise ValueError(f"{op}: {name} must hold at least one offset")
+    if offsets.numel() > 1 and bool((offsets[1:] < offsets[:-1]).any()):
+        raise ValueError(f"{op}: {name} must be non-decreasing")
+    low, high = int(offsets.min()), int(offsets.max())
+    if low < 0 or (num_rows is not None and high > num_rows):
+        bound = "" if num_rows is None else f" and <= {num_rows}"
+        raise IndexError(f"{op}: {name} must be >= 0{bound}, got values in [{low}, {high}]")
+
+
+def check_chunk_offsets(seg_offsets, chunk_size):
+    check_offsets("chunk_offsets", "seg_offsets", seg_offsets)
+    _positive_int("chunk_offsets", "chunk_size", chunk_size)
+
+
+def check_cls_pool(x, q, chunk_offsets, scale):
+    op = "cls_pool"
+    _float(op, "x", x)
+    _float(op, "q", q)
+    _rank(op, "x", x, ["N", "D"])
+    _rank(op, "q", q, ["H", "D"])
+    if q.shape[1] != x.shape[1]:
+        raise ValueError(f"{op}: q must have D={x.shape[1]} columns like x, got {q.shape[1]}")
+    _same_device(op, x=x, q=q, chunk_offsets=chunk_offsets)
+    check_offsets(op, "chunk_offsets", chunk_offsets, x.shape[0])
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"{op}: scale must be a finite float, got {scale!r}")
+
+
+def check_level(op, probes, keys, mask, probes_name="probes", keys_name="keys", mask_name="mask"):
+    """One level: probes ``[B, P, D]``, keys ``[N, D]``, optional bool mask ``[N]``."""
+    _float(op, probes_name, probes)
+    _float(op, keys_name, keys)
+    _rank(op, probes_name, probes, ["B", "P", "D"])
+    _rank(op, keys_name, keys, ["N", "D"])
+    if probes.shape[1] < 1:
+        raise ValueError(f"{op}: {probes_name} must hold at least one probe (P >= 1), got P=0")
+    if probes.shape[2] != keys.shape[1]:
+        raise ValueError(
+            f"{op}: {probes_name} has D={probes.shape[2]} but {keys_name} has D={keys.shape[1]}"
+        )
+    if mask is not None:
+        _tensor(op, mask_name, mask)
+        if mask.dtype != torch.bool:
+            raise TypeError(f"{op}: {mask_name} must be bool, got {mask.dtype}")
+        if mask.dim() != 1 or mask.shape[0] != keys.shape[0]:
+            raise ValueError(f"{op}: {mask_name} must have shape [{keys.shape[0]}], got {list(mask.shape)}")
+    _same_device(op, **{probes_name: probes, keys_name: keys, mask_name: mask})
+
+
+def check_reduce(op, reduce):
+    if reduce not in REDUCTIONS:
+        raise ValueError(f"{op}: reduce must be 'max' or 'lse', got {reduce!r}")
+
+
+def check_children(op, probes, keys, parents, fanout, reduce, mask):
+    """The arguments shared by ``score_children`` and ``descend``."""
+    check_level(op, probes, keys, mask)
+    _positive_int(op, "fanout", fanout)
+    check_reduce(op, reduce)
+    _int64(op, "parents", parents)
+    _rank(op, "parents", parents, ["B", "T"])
+    if parents.shape[0] != probes.shape[0]:
+        raise ValueError(f"{op}: parents has B={parents.shape[0]} rows but probes has B={probes.shape[0]}")
+    _same_device(op, probes=probes, parents=parents)
+    if parents.numel():
+        num_parents = -(-keys.shape[0] // fanout)
+        low, high = int(parents.min()), int(parents.max())
+        if low < -1 or high >= num_parents:
+            raise IndexError(
+                f"{op}: parents must be -1 or in [0, ceil(N / fanout)) = [0, {num_parents}), "
+                f"got values in [{low}, {high}]"
+            )
+
+
+def check_descend(probes, keys, parents, fanout, t, reduce, mask):
+    check_children("descend", probes, keys, parents, fanout, reduce, mask)
+    _positive_int("descend", "t", t)
+
+
+def check_descend_tree(probes, keys, fanout, t, reduce, masks):
+    """Returns the per-level beam widths and masks as lists."""
+    op = "descend_tree"
+    if not isinstance(probes, (list, tuple)) or not isinstance(keys, (list, tuple)):
+        raise TypeError(f"{op}: probes and keys must be lists of tensors (one per level)")
+    levels = len(keys)
+    if levels < 1:
+        raise ValueError(f"{op}: keys must hold at least one level")
+    if len(probes) != levels:
+        raise ValueError(f"{op}: probes has {len(probes)} levels but keys has {levels}")
+    _positive_int(op, "fanout", fanout)
+    check_reduce(op, reduce)
+    ts = [t] * levels if isinstance(t, int) and not isinstance(t, bool) else list(t)
+    if len(ts) != levels:
+        raise ValueError(f"{op}: t has {len(ts)} entries but there are {levels} levels")
+    for level, t_level in enumerate(ts):
+        _positive_int(op, f"t[{level}]", t_level)
+    masks = [None] * levels if masks is None else list(masks)
+    if len(masks) != levels:
+        raise ValueError(f"{op}: masks has {len(masks)} entries but there are {levels} levels")
+    for level in range(levels):
+        check_level(op, probes[level], keys[level], masks[level],
+                    f"probes[{level}]", f"keys[{level}]", f"masks[{level}]")
+        if probes[level].shape[0] != probes[0].shape[0]:
+            raise ValueError(f"{op}: probes[{level}] has B={probes[level].shape[0]}, probes[0] has B={probes[0].shape[0]}")
+        _same_device(op, **{"keys[0]": keys[0], f"keys[{level}]": keys[level]})
+        if level > 0:
+            expected = -(-keys[level].shape[0] // fanout)
+            if keys[level - 1].shape[0] != expected:
+                raise ValueError(
+                    f"{op}: keys[{level - 1}] has {keys[level - 1].shape[0]} nodes but keys[{level}] has "
+                    f"{keys[level].shape[0]}, so it must have ceil({keys[level].shape[0]} / {fanout}) = {expected}"
+                )
+    return ts, masks

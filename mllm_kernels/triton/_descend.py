@@ -1,0 +1,126 @@
+"""descend and descend_tree: scoring and top-t selection fused in one launch.
+
+One program per query row b. The row's candidate slots are walked in tiles of BS; each tile is
+scored against the row's probes (:func:`probe_dots` + :func:`reduce_probes`), turned into
+(order key, node id) pairs, and merged into a running top-R held in registers
+(:func:`merge_top`, R = next power of two >= max(t, BS)). Scores are never written to memory;
+only the final t pairs are. A tile whose best pair cannot enter the running top-R is skipped.
+
+``descend`` first writes the row's parents with duplicates replaced by -1 into a scratch row
+(a child under a duplicated parent counts once), then selects from that scratch row.
+``descend_tree`` loops over the levels inside the program: level 0 takes every node as a
+candidate, level l > 0 reads back the ids level l - 1 just stored (after a barrier). Per-level
+pointers, sizes and block shapes are passed as tuples, so the kernel is specialised on the
+number of levels and each level keeps its own dtype.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._common import I64_MAX, I64_MIN, key_score, merge_top, order_key, probe_dots, reduce_probes, widen
+
+
+@triton.jit
+def _select_row(probe_row, P, D, keys_ptr, N, mask_ptr, parent_row, T, fanout, t,
+                out_ids_row, out_scores_row,
+                TOP: tl.constexpr, HAS_MASK: tl.constexpr, LSE: tl.constexpr, F64: tl.constexpr,
+                R: tl.constexpr, LOGR: tl.constexpr, BS: tl.constexpr,
+                BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Top t children of one row, written to ``out_ids_row[:t]`` / ``out_scores_row[:t]``.
+
+    TOP: the candidates are all N nodes (slot j is node j); else slot j is child
+    ``j % fanout`` of ``parent_row[j // fanout]`` for the T parents.
+    """
+    ACC: tl.constexpr = tl.float64 if F64 else tl.float32
+    run_k = tl.full([R], I64_MIN, tl.int64)
+    run_v = tl.full([R], I64_MAX, tl.int64)
+    if TOP:
+        num_slots = N
+    else:
+        num_slots = T * fanout
+    for j0 in range(0, num_slots, BS):
+        j = j0 + tl.arange(0, BS).to(tl.int64)
+        in_range = j < num_slots
+        if TOP:
+            child = j
+            valid = in_range
+        else:
+            slot_parent = j // fanout
+            parent = tl.load(parent_row + slot_parent, mask=in_range, other=-1)
+            child = parent * fanout + (j - slot_parent * fanout)
+            valid = in_range & (parent >= 0) & (child < N)
+        if HAS_MASK:
+            valid = valid & (tl.load(mask_ptr + child, mask=valid, other=0) != 0)
+        dots = probe_dots(probe_row, P, D, keys_ptr, child, valid, BS, BLOCK_P, BLOCK_D, ACC)
+        score = reduce_probes(dots, P, LSE, BLOCK_P)
+        valid = valid & (score == score)
+        key = tl.where(valid, order_key(score, F64), I64_MIN)
+        ids = tl.where(valid, child, I64_MAX)
+        # The running minimum is its last element; a tile that cannot beat it changes nothing.
+        best = tl.max(key, axis=0)
+        if (best > I64_MIN) & (best >= tl.min(run_k, axis=0)):
+            run_k, run_v = merge_top(run_k, run_v, widen(key, I64_MIN, BS, R), widen(ids, I64_MAX, BS, R),
+                                     R, LOGR)
+    offs = tl.arange(0, R)
+    found = run_k > I64_MIN
+    out_mask = offs < t
+    tl.store(out_ids_row + offs, tl.where(found, run_v, -1), mask=out_mask)
+    score = tl.where(found, key_score(run_k, F64), float("-inf"))
+    tl.store(out_scores_row + offs, score.to(out_scores_row.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _dedup_parents(parent_row, scratch_row, T, PB: tl.constexpr):
+    """``scratch_row[i] = parent_row[i]``, or -1 when an earlier parent of the row is equal."""
+    for i0 in range(0, T, PB):
+        pi = i0 + tl.arange(0, PB)
+        pm = pi < T
+        pa = tl.load(parent_row + pi, mask=pm, other=-1)
+        dup = tl.zeros([PB], tl.int32)
+        for k0 in range(0, i0 + PB, PB):
+            pk = k0 + tl.arange(0, PB)
+            pb = tl.load(parent_row + pk, mask=pk < T, other=-2)
+            same = (pa[:, None] == pb[None, :]) & (pk[None, :] < pi[:, None])
+            dup = tl.maximum(dup, tl.max(same.to(tl.int32), axis=1))
+        tl.store(scratch_row + pi, tl.where(dup > 0, -1, pa), mask=pm)
+
+
+@triton.jit
+def descend_kernel(probes_ptr, keys_ptr, parents_ptr, mask_ptr, scratch_ptr, ids_ptr, scores_ptr,
+                   P, D, N, T, fanout, t,
+                   HAS_MASK: tl.constexpr, LSE: tl.constexpr, F64: tl.constexpr,
+                   R: tl.constexpr, LOGR: tl.constexpr, BS: tl.constexpr, PB: tl.constexpr,
+                   BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    scratch_row = scratch_ptr + b * T
+    _dedup_parents(parents_ptr + b * T, scratch_row, T, PB)
+    tl.debug_barrier()
+    _select_row(probes_ptr + b * P * D, P, D, keys_ptr, N, mask_ptr, scratch_row, T, fanout, t,
+                ids_ptr + b * t, scores_ptr + b * t,
+                False, HAS_MASK, LSE, F64, R, LOGR, BS, BLOCK_P, BLOCK_D)
+
+
+@triton.jit
+def descend_tree_kernel(probes, keys, masks, ids, scores, Ps, Ds, Ns, ts, fanout,
+                        L: tl.constexpr, HAS_MASK: tl.constexpr, F64: tl.constexpr, LSE: tl.constexpr,
+                        R: tl.constexpr, LOGR: tl.constexpr, BS: tl.constexpr,
+                        BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Every argument but fanout, L and LSE is a tuple with one entry per level."""
+    b = tl.program_id(0).to(tl.int64)
+    for level in tl.static_range(L):
+        P = Ps[level]
+        D = Ds[level]
+        t = ts[level]
+        if level == 0:
+            parent_row = ids[0]  # unused: the top level takes every node
+            T = 0
+        else:
+            tl.debug_barrier()  # level - 1's ids were just stored by this program
+            parent_row = ids[level - 1] + b * ts[level - 1]
+            T = ts[level - 1]
+        _select_row(probes[level] + b * P * D, P, D, keys[level], Ns[level], masks[level], parent_row, T,
+                    fanout, t, ids[level] + b * t, scores[level] + b * t,
+                    level == 0, HAS_MASK[level], LSE, F64[level], R[level], LOGR[level], BS[level],
+                    BLOCK_P[level], BLOCK_D[level])

@@ -1,0 +1,71 @@
+"""Test configuration of the mllm_kernels suite.
+
+The environment variables below must be set before torch, triton or mllm_kernels is imported:
+``TRITON_INTERPRET`` is read when ``@triton.jit`` decorates a kernel, and
+``MLLM_POISON_OUTPUTS`` when the output allocators are imported (Python and C++). With poisoning
+on, every output a kernel allocates uninitialised starts as NaN / int64 min, so a kernel that
+leaves part of an output unwritten fails the comparisons instead of passing by luck.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+os.environ["MLLM_POISON_OUTPUTS"] = "1"
+
+import faulthandler  # noqa: E402
+import importlib.util  # noqa: E402
+import sys  # noqa: E402
+import zlib  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+if importlib.util.find_spec("mllm_kernels") is None:
+    # Not installed: test the checkout (the compiled _C must have been built in place).
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile(
+    "mllm",
+    deadline=None,
+    derandomize=True,  # reproducible CI runs; set HYPOTHESIS_PROFILE=explore for fresh examples
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile("explore", parent=settings.get_profile("mllm"), derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "mllm"))
+
+# A kernel that hangs (e.g. loops over 2**62 child slots) must fail loudly, not stall CI: a
+# watchdog thread dumps every stack and exits the process when one test runs this long.
+TEST_TIMEOUT_S = float(os.environ.get("MLLM_TEST_TIMEOUT_S", "600"))
+
+
+@pytest.fixture(autouse=True)
+def _watchdog():
+    faulthandler.dump_traceback_later(TEST_TIMEOUT_S, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _check_environment():
+    import mllm_kernels  # noqa: F401  (fails with a readable message when _C is missing)
+
+    from mllm_kernels import _alloc
+
+    assert _alloc.POISON, "MLLM_POISON_OUTPUTS must be set before mllm_kernels is imported"
+    yield
+
+
+@pytest.fixture
+def gen(request):
+    """A generator seeded from the test's id: reproducible, and different for every test."""
+    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture(params=["cpu", "triton"])
+def backend(request):
+    """The compared implementations (the oracle is mllm_kernels.reference)."""
+    return request.param

@@ -1,0 +1,223 @@
+"""descend (SPEC 4.4): the fused top-t of every backend vs the reference."""
+
+import pytest
+import torch
+
+import mllm_kernels as mk
+from mllm_kernels import reference
+from testing_utils import (
+    BACKENDS,
+    BF16,
+    F16,
+    F32,
+    assert_topk_equal,
+    dtypes_for,
+    make_keys,
+    make_mask,
+    make_parents,
+    make_probes,
+    num_parents,
+    param,
+    score_tol,
+    strided,
+    transposed,
+)
+
+REDUCES = ["max", "lse"]
+
+# (B, P, D, N, fanout, T, t)
+CPU_SHAPES = [
+    (1, 1, 1, 1, 1, 1, 1),
+    (3, 4, 5, 20, 3, 4, 5),
+    (2, 2, 33, 50, 7, 5, 10),
+    (4, 3, 100, 130, 64, 3, 20),
+    (2, 5, 384, 29, 3, 6, 4),
+    (2, 8, 17, 200, 1, 9, 3),
+    (2, 3, 8, 10, 3, 2, 20),  # t larger than the candidates
+    (2, 2, 16, 300, 64, 4, 200),
+    (3, 2, 12, 500, 64, 8, 1),
+    (5, 2, 24, 4096, 64, 64, 50),  # thousands of candidates per row
+]
+TRITON_SHAPES = [(2, 3, 5, 20, 3, 4, 5), (2, 2, 33, 17, 7, 3, 25), (1, 1, 1, 3, 1, 2, 1), (2, 2, 8, 130, 16, 8, 12)]
+
+
+def check(backend, probes, keys, parents, fanout, t, reduce="max", mask=None):
+    ids, scores = mk.descend(probes, keys, parents, fanout, t, reduce, mask, backend=backend)
+    ref_ids, ref_scores = reference.descend(probes, keys, parents, fanout, t, reduce, mask)
+    candidates = reference.score_children(probes.double(), keys.double(), parents, fanout, reduce, mask)
+    candidates = (candidates[1], candidates[0])
+    assert_topk_equal(ids, scores, ref_ids, ref_scores, candidates=candidates, **score_tol(probes, keys))
+    return ids, scores
+
+
+def _params():
+    out = []
+    for backend in BACKENDS:
+        shapes = CPU_SHAPES if backend == "cpu" else TRITON_SHAPES
+        for shape in shapes:
+            for reduce in REDUCES:
+                out.append(param(backend, F32, reduce, shape))
+        for dtype in dtypes_for(backend):
+            if dtype != F32:
+                out.append(param(backend, dtype, "max", shapes[1]))
+                out.append(param(backend, dtype, "lse", shapes[2]))
+    return out
+
+
+@pytest.mark.parametrize(
+    "backend, dtype, reduce, shape",
+    _params(),
+)
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+def test_values(backend, dtype, reduce, shape, masked, gen):
+    B, P, D, N, fanout, T, t = shape
+    probes = make_probes(B, P, D, dtype, gen)
+    keys = make_keys(N, D, dtype, gen)
+    parents = make_parents(B, T, num_parents(N, fanout), gen)
+    parents[0, 0] = num_parents(N, fanout) - 1  # the last parent, maybe with fewer children
+    mask = make_mask(N, gen) if masked else None
+    check(backend, probes, keys, parents, fanout, t, reduce, mask)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("keys_dtype", [F16, BF16], ids=str)
+def test_mixed_dtypes(backend, keys_dtype, gen):
+    probes = make_probes(2, 3, 33, F32, gen)
+    keys = make_keys(40, 33, keys_dtype, gen)
+    parents = make_parents(2, 4, num_parents(40, 7), gen)
+    ids, scores = check(backend, probes, keys, parents, 7, 6, "lse")
+    assert scores.dtype == F32
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduce", REDUCES)
+def test_duplicated_parents_count_once(backend, reduce, gen):
+    N, fanout = 12, 3
+    probes = make_probes(3, 2, 6, F32, gen)
+    keys = make_keys(N, 6, F32, gen)
+    parents = torch.tensor([[1, 1, 1], [2, -1, 2], [3, 0, 3]])
+    ids, scores = check(backend, probes, keys, parents, fanout, 8, reduce)
+    assert (ids[0, 3:] == -1).all() and sorted(ids[0, :3].tolist()) == [3, 4, 5]
+    assert (ids[1] >= 0).sum() == 3 and (ids[2] >= 0).sum() == 6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["empty_parents", "mask_all", "T0", "B0", "N0"])
+def test_no_candidates(backend, case, gen):
+    N, fanout, t, B, T = 10, 4, 3, 2, 3
+    mask = None
+    if case == "N0":
+        N = 0
+    if case == "T0":
+        T = 0
+    if case == "B0":
+        B = 0
+    parents = make_parents(B, T, num_parents(N, fanout), gen, p_empty=0)
+    if case == "empty_parents":
+        parents[:] = -1
+    if case == "mask_all":
+        mask = torch.zeros(N, dtype=torch.bool)
+    probes = make_probes(B, 2, 5, F32, gen)
+    keys = make_keys(N, 5, F32, gen)
+    ids, scores = mk.descend(probes, keys, parents, fanout, t, mask=mask, backend=backend)
+    assert ids.shape == scores.shape == (B, t)
+    assert (ids == -1).all() and (scores == -torch.inf).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduce", REDUCES)
+def test_nan_never_selected(backend, reduce, gen):
+    N, fanout = 15, 5
+    probes = make_probes(2, 3, 4, F32, gen)
+    keys = make_keys(N, 4, F32, gen)
+    keys[[0, 3, 6, 7, 11]] = torch.nan
+    keys[9, 1] = torch.nan
+    parents = torch.tensor([[0, 1, 2], [1, -1, -1]])
+    ids, scores = check(backend, probes, keys, parents, fanout, 15, reduce)
+    nan_ids = {0, 3, 6, 7, 9, 11}
+    assert not nan_ids & set(ids.flatten().tolist())
+    assert (ids[0] >= 0).sum() == N - len(nan_ids)
+    assert (ids[1] >= 0).sum() == 2  # children 5..9 of parent 1, less 6, 7 and 9
+    # All candidates NaN: nothing is selected.
+    keys[:] = torch.nan
+    ids, scores = mk.descend(probes, keys, parents, fanout, 4, reduce, backend=backend)
+    assert (ids == -1).all() and (scores == -torch.inf).all()
+
+
+def _tie_inputs(gen, D=4, N=24):
+    """Small-integer data: every dot product is exact, so tied scores are exactly equal."""
+    base = torch.randint(-2, 3, (3, D), generator=gen).to(F32)
+    keys = base[torch.randint(0, 3, (N,), generator=gen)]  # many duplicated rows
+    probes = torch.randint(-2, 3, (3, 2, D), generator=gen).to(F32)
+    return probes, keys
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("t", [1, 5, 30])
+def test_ties_smaller_id_first(backend, t, gen):
+    probes, keys = _tie_inputs(gen)
+    # Parents listed in decreasing order: the kernel meets the larger ids first.
+    parents = torch.tensor([[7, 5, 3, 1], [0, 2, 4, 6], [6, -1, 1, 6]])
+    ids, scores = mk.descend(probes, keys, parents, 3, t, "max", backend=backend)
+    ref_ids, ref_scores = reference.descend(probes, keys, parents, 3, t, "max")
+    assert torch.equal(ids, ref_ids), f"{ids} != {ref_ids}"
+    assert torch.equal(scores, ref_scores)
+    for _ in range(3):
+        again = mk.descend(probes, keys, parents, 3, t, "max", backend=backend)
+        assert torch.equal(again[0], ids) and torch.equal(again[1], scores)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ties_lse(backend, gen):
+    probes, keys = _tie_inputs(gen)
+    parents = torch.tensor([[7, 5, 3, 1], [0, 2, 4, 6], [6, -1, 1, 6]])
+    check(backend, probes, keys, parents, 3, 7, "lse")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deterministic(backend, gen):
+    B, N, fanout = (64, 3000, 64) if backend == "cpu" else (4, 60, 8)
+    probes = make_probes(B, 3, 20, F32, gen)
+    keys = make_keys(N, 20, F32, gen)
+    parents = make_parents(B, 10, num_parents(N, fanout), gen)
+    first = mk.descend(probes, keys, parents, fanout, 17, "lse", backend=backend)
+    for _ in range(2):
+        again = mk.descend(probes, keys, parents, fanout, 17, "lse", backend=backend)
+        assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduce", REDUCES)
+def test_matches_own_score_children(backend, reduce, gen):
+    """descend == the top t of the same backend's score_children (duplicates removed)."""
+    N, fanout, t = 45, 6, 9
+    probes = make_probes(3, 2, 10, F32, gen)
+    keys = make_keys(N, 10, F32, gen)
+    parents = torch.stack([torch.randperm(num_parents(N, fanout), generator=gen)[:4] for _ in range(3)])
+    parents[1, 2] = -1
+    mask = make_mask(N, gen)
+    ids, scores = mk.descend(probes, keys, parents, fanout, t, reduce, mask, backend=backend)
+    all_scores, all_ids = mk.score_children(probes, keys, parents, fanout, reduce, mask, backend=backend)
+    top_ids, top_scores = reference._select_top(all_scores, all_ids, t)
+    assert_topk_equal(ids, scores, top_ids, top_scores, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("which", ["probes_transposed", "keys_transposed", "keys_strided", "parents_strided", "mask_strided"])
+def test_non_contiguous(backend, which, gen):
+    N, fanout = 25, 4
+    args = {
+        "probes": make_probes(2, 3, 7, F32, gen),
+        "keys": make_keys(N, 7, F32, gen),
+        "parents": make_parents(2, 3, num_parents(N, fanout), gen),
+        "mask": make_mask(N, gen),
+    }
+    name, how = which.split("_")
+    view = transposed(args[name]) if how == "transposed" else strided(args[name])
+    assert not view.is_contiguous()
+    call = {**args, name: view}
+    ids, scores = mk.descend(
+        call["probes"], call["keys"], call["parents"], fanout, 5, "max", call["mask"], backend=backend
+    )
+    ref_ids, ref_scores = reference.descend(args["probes"], args["keys"], args["parents"], fanout, 5, "max", args["mask"])
+    assert_topk_equal(ids, scores, ref_ids, ref_scores)
