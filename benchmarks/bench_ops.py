@@ -16,22 +16,27 @@ from .timing import compare, measure_bandwidth
 
 NOTES = [
     "descend 'cached': the keys fit in the L3, so GB/s above the DRAM read bandwidth is expected.",
-    "descend / score_children read B*T*fanout*D*2 bytes of float16 keys per call (parents drawn "
-    "at random per query); descend_tree reads the whole top level and t*fanout children per "
-    "query at each lower level.",
-    "score_children fwd+bwd computes gradients for probes and keys (a dense [N, D] key gradient); "
-    "cls_pool fwd+bwd for x and q. Kernel and reference always run the same N.",
+    (
+        "descend / score_children read B*T*fanout*D*2 bytes of float16 keys per call (parents "
+        "drawn at random per query); descend_tree reads the whole top level and t*fanout children "
+        "per query at each lower level."
+    ),
+    (
+        "score_children fwd+bwd computes gradients for probes and keys (a dense [N, D] key "
+        "gradient); cls_pool fwd+bwd for x and q. Kernel and reference always run the same N."
+    ),
 ]
 
 
 def _measure_kwargs(s: Sizes, threads: int) -> dict:
-    return dict(
-        threads=threads,
-        min_rounds=s.min_rounds,
-        max_rounds=s.max_rounds,
-        min_time_s=s.min_time_s,
-        block_s=s.block_s,
-    )
+    return {
+        "threads": threads,
+        "min_rounds": s.min_rounds,
+        "max_rounds": s.max_rounds,
+        "min_time_s": s.min_time_s,
+        "max_time_s": s.max_time_s,
+        "block_s": s.block_s,
+    }
 
 
 def _log(verbose: bool, message: str) -> None:
@@ -49,6 +54,8 @@ def run_ops(
 ) -> dict:
     """Run the op benchmarks and return the results dict (also written to ``out_dir``).
 
+    The torch thread count is restored afterwards.
+
     Args:
         sizes: a :class:`Sizes` or a preset name (``"full"``, ``"quick"``, ``"smoke"``).
         threads: torch intra-op threads (default: torch's current setting).
@@ -62,15 +69,23 @@ def run_ops(
         ``speedup`` (+ ``speedup_min``/``speedup_max`` per round), ``kernel_gbps`` and
         ``read_bw_fraction``, or ``error`` when the case failed.
     """
-    from .cases import all_cases  # imports mllm_kernels, which needs the compiled library
-
     preset = sizes if isinstance(sizes, str) else "custom"
     s = PRESETS[sizes] if isinstance(sizes, str) else sizes
+    previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
-    threads = torch.get_num_threads()
+    try:
+        return _run(s, preset, torch.get_num_threads(), out_dir, only, verbose)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(s: Sizes, preset: str, threads: int, out_dir, only, verbose: bool) -> dict:
+    from .cases import all_cases  # imports mllm_kernels, which needs the compiled library
+
     kw = _measure_kwargs(s, threads)
     start = time.perf_counter()
+    machine = report.machine_info(threads)
 
     _log(verbose, f"bandwidth: {s.bandwidth_bytes / 2**20:.0f} MiB buffers ...")
     bandwidth = measure_bandwidth(s.bandwidth_bytes, **kw)
@@ -81,6 +96,7 @@ def run_ops(
         if only and not any(op.startswith(o) for o in only):
             continue
         entry = {"op": op, "params": "", "bytes": 0}
+        case_start = time.perf_counter()
         try:
             case = build()
             entry.update(op=case.op, params=case.params, bytes=case.bytes)
@@ -93,9 +109,11 @@ def run_ops(
                 f"  kernel {entry['kernel']['median'] * 1e3:.3f} ms, reference "
                 f"{entry['reference']['median'] * 1e3:.3f} ms, speedup {entry['speedup']:.1f}x",
             )
-        except Exception as error:  # a failing kernel must not hide the other results
-            entry["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        except Exception as error:  # noqa: BLE001  (a failing kernel must not hide the other results)
+            entry["error"] = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
             _log(verbose, traceback.format_exc())
+        entry["loadavg"] = report.loadavg()
+        entry["wall_s"] = time.perf_counter() - case_start
         cases.append(entry)
         case = None
         gc.collect()
@@ -108,11 +126,12 @@ def run_ops(
     results = {
         "preset": preset,
         "sizes": s.__dict__,
-        "machine": report.machine_info(threads),
+        "machine": machine,
         "bandwidth": bandwidth,
         "bandwidth_end": bandwidth_end,
         "cases": cases,
         "notes": NOTES,
+        "loadavg_end": report.loadavg(),
         "wall_s": time.perf_counter() - start,
     }
     if out_dir is not None:

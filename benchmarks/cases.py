@@ -18,8 +18,8 @@ once); dividing it by the kernel's median time gives its effective bandwidth:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -39,8 +39,6 @@ class Case:
     kernel: Callable[[], object]
     reference: Callable[[], object]
     bytes: int
-    note: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 class Inputs:
@@ -172,6 +170,8 @@ def cls_pool_case(s: Sizes, n: int, heads: int, inp: Inputs, backward: bool) -> 
         n_bytes += 2 * x.nbytes + out_bytes
         op = "cls_pool fwd+bwd"
     params = f"N={n:,} ({_mb(x.nbytes)}) D={s.D} H={heads} chunk={s.chunk_size}"
+    if backward and n < s.pool_rows:
+        params += f" (N below the forward's {s.pool_rows:,}: reference autograd time/memory)"
     return Case(op, params, kernel, ref, n_bytes)
 
 

@@ -15,9 +15,7 @@ _HERE = Path(__file__).parent
 
 def pytest_collection_modifyitems(config, items):
     """Skip the benchmarks of this folder unless benchmarking was asked for."""
-    asked = config.getoption("benchmark_only", default=False) or config.getoption(
-        "benchmark_enable", default=False
-    )
+    asked = config.getoption("benchmark_only", default=False) or config.getoption("benchmark_enable", default=False)
     if asked:
         return
     skip = pytest.mark.skip(reason="benchmarks: run with python -m pytest benchmarks --benchmark-only")

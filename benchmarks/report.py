@@ -55,6 +55,14 @@ def _version(dist: str) -> str:
     return "not installed"
 
 
+def loadavg() -> float | None:
+    """The 1-minute load average (None where the platform has none)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
 def machine_info(threads: int) -> dict:
     """The machine and software the numbers were measured on."""
     try:
@@ -72,6 +80,7 @@ def machine_info(threads: int) -> dict:
         "torch": torch.__version__,
         "triton": _version("triton"),
         "mllm_kernels": _version("mllm-kernels"),
+        "loadavg_start": loadavg(),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
     }
 
@@ -79,6 +88,10 @@ def machine_info(threads: int) -> dict:
 def _ms(seconds: float) -> str:
     ms = seconds * 1e3
     return f"{ms:.3g}" if ms < 100 else f"{ms:,.0f}"
+
+
+def _size(n_bytes: float) -> str:
+    return f"{n_bytes / 1e6:,.1f} MB" if n_bytes >= 1e6 else f"{n_bytes / 1e3:,.1f} kB"
 
 
 def header_markdown(results: dict) -> str:
@@ -91,18 +104,25 @@ def header_markdown(results: dict) -> str:
         f"- machine: {m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable), caches {m['caches']}",
         f"- torch threads: {m['torch_threads']}; {m['platform']}, Python {m['python']}",
         f"- torch {m['torch']}, triton {m['triton']}, mllm_kernels {m['mllm_kernels']}",
-        f"- date: {m['date']}",
-        f"- memory bandwidth over {bw['buffer_bytes'] / 2**20:,.0f} MiB buffers (same run): "
-        f"read (sum) {bw['read_gbps']:.1f} GB/s before the cases, {end['read_gbps']:.1f} after; "
-        f"copy (read+write) {bw['copy_gbps']:.1f} / {end['copy_gbps']:.1f} GB/s",
-        "- times: median per call in ms (IQR/median in brackets), kernel = `backend=\"cpu\"` "
-        "(C++), reference = `backend=\"reference\"` (eager PyTorch), timed in alternating rounds; "
-        "speedup = reference median / kernel median (min-max of the per-round ratios); "
-        "GB/s = bytes the op must move / kernel median; % read BW = against the larger read "
-        "bandwidth.",
+        (
+            f"- date: {m['date']}; load average (1 min) at start {m['loadavg_start']}, "
+            f"at end {results.get('loadavg_end', '?')}"
+        ),
+        (
+            f"- memory bandwidth over {bw['buffer_bytes'] / 2**20:,.0f} MiB buffers (same run): "
+            f"read (sum) {bw['read_gbps']:.1f} GB/s before the cases, {end['read_gbps']:.1f} after; "
+            f"copy (read+write) {bw['copy_gbps']:.1f} / {end['copy_gbps']:.1f} GB/s"
+        ),
+        (
+            "- times: median per call in ms (IQR/median in brackets); kernel = `backend='cpu'` "
+            "(C++), reference = `backend='reference'` (eager PyTorch), timed in alternating rounds; "
+            "speedup = reference median / kernel median (min-max of the per-round ratios); "
+            "GB/s = bytes the op must move / kernel median; % read BW = against the larger read "
+            "bandwidth."
+        ),
         "",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n"
 
 
 def table_markdown(cases: list[dict]) -> str:
@@ -120,7 +140,7 @@ def table_markdown(cases: list[dict]) -> str:
             f"| {c['op']} | {c['params']} "
             f"| {_ms(k['median'])} ({k['spread']:.0%}) | {_ms(r['median'])} ({r['spread']:.0%}) "
             f"| {c['speedup']:.1f}x ({c['speedup_min']:.1f}-{c['speedup_max']:.1f}) "
-            f"| {c['bytes'] / 1e6:,.1f} MB | {c['kernel_gbps']:.1f} | {c['read_bw_fraction']:.0%} |"
+            f"| {_size(c['bytes'])} | {c['kernel_gbps']:.1f} | {c['read_bw_fraction']:.0%} |"
         )
     return "\n".join(rows) + "\n"
 
@@ -144,18 +164,22 @@ def plot_speedups(results: dict, path: Path) -> Path | None:
     cases = [c for c in results["cases"] if "error" not in c]
     if not cases:
         return None
-    labels = [f"{c['op']}\n{c['params'][:38]}" for c in cases]
-    speed = [c["speedup"] for c in cases]
-    low = [max(0.0, s - c["speedup_min"]) for s, c in zip(speed, cases)]
-    high = [max(0.0, c["speedup_max"] - s) for s, c in zip(speed, cases)]
-    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(cases)), 5.5))
-    ax.bar(range(len(cases)), speed, yerr=[low, high], capsize=3, color="tab:blue")
-    ax.axhline(1.0, color="gray", lw=0.8)
-    ax.set_yscale("log")
-    ax.set_ylabel("speedup over eager reference (x)")
-    ax.set_xticks(range(len(cases)), labels, rotation=60, ha="right", fontsize=7)
+    labels = [f"{c['op']}  {c['params'].split(' (N below')[0][:60]}" for c in cases][::-1]
+    speed = [c["speedup"] for c in cases][::-1]
+    low = [max(0.0, s - c["speedup_min"]) for s, c in zip(speed, cases[::-1])]
+    high = [max(0.0, c["speedup_max"] - s) for s, c in zip(speed, cases[::-1])]
+    fig, ax = plt.subplots(figsize=(11, 1.2 + 0.45 * len(cases)))
+    rows = range(len(cases))
+    ax.barh(rows, speed, xerr=[low, high], capsize=3, color="tab:blue")
+    for row, value, up in zip(rows, speed, high):
+        ax.text(value + up, row, f"  {value:.1f}x", va="center", ha="left", fontsize=8)
+    ax.axvline(1.0, color="gray", lw=0.8)
+    ax.set_xscale("log")
+    ax.margins(x=0.12)
+    ax.set_xlabel("speedup over the eager reference (median ratio; bars: min-max per round)")
+    ax.set_yticks(list(rows), labels, fontsize=8)
     m = results["machine"]
-    ax.set_title(f"mllm_kernels CPU kernels vs reference - {m['cpu']}, {m['torch_threads']} threads")
+    ax.set_title(f"mllm_kernels C++ kernels vs reference - {m['cpu']}, {m['torch_threads']} threads", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

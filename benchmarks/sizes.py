@@ -23,17 +23,19 @@ class Sizes:
     n_grad: int = 32_768  # score_children forward+backward level (keys get a dense [N, D] grad)
     tree_leaves: int = 1_000_000  # descend_tree: 1e6 -> 15625 -> 245 -> 4 with fanout 64
     pool_rows: int = 1_000_000  # cls_pool forward rows
-    pool_rows_grad: int = 250_000  # cls_pool forward+backward rows (the reference keeps R*H*D floats)
+    pool_rows_grad: int = 100_000  # cls_pool forward+backward rows (the reference keeps R*H*D floats)
     chunk_size: int = 128
     segments: int = 100_000  # chunk_offsets
     max_segment: int = 1_000  # chunk_offsets: segment lengths uniform in [0, max_segment]
     bandwidth_bytes: int = 1 << 30  # buffer of the read and copy bandwidth passes (>> L3)
     # Measurement: rounds alternate kernel and reference; each round times one block of
     # calls lasting about ``block_s``; a case stops after ``min_rounds`` rounds once each side
-    # has run ``min_time_s`` in total (and after ``max_rounds`` in any case).
+    # has run ``min_time_s`` in total; it stops early after ``max_rounds``, or once one side
+    # has run ``max_time_s`` (the slow references) and 3 rounds are done.
     min_rounds: int = 5
     max_rounds: int = 40
     min_time_s: float = 1.0
+    max_time_s: float = 20.0
     block_s: float = 0.05
 
 
@@ -43,15 +45,16 @@ QUICK = replace(
     FULL,
     n_large=200_000,  # 150 MB: still well beyond the L3
     n_grad=8_192,
-    tree_leaves=100_000,
-    pool_rows=100_000,
-    pool_rows_grad=50_000,
+    tree_leaves=65_536,
+    pool_rows=32_768,
+    pool_rows_grad=8_192,
     segments=10_000,
     bandwidth_bytes=256 << 20,
     min_rounds=3,
     max_rounds=10,
-    min_time_s=0.15,
-    block_s=0.02,
+    min_time_s=0.1,
+    max_time_s=1.5,
+    block_s=0.01,
 )
 
 SMOKE = Sizes(
@@ -74,6 +77,7 @@ SMOKE = Sizes(
     min_rounds=2,
     max_rounds=2,
     min_time_s=0.0,
+    max_time_s=1.0,
     block_s=0.002,
 )
 

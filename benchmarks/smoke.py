@@ -10,7 +10,8 @@ from .bench_ops import run_ops
 def run_quick(out_dir: str | Path) -> dict:
     """Run every op case at tiny sizes (a few seconds) and write JSON + markdown to ``out_dir``.
 
-    Returns the results dict of :func:`benchmarks.bench_ops.run_ops`; ``results["files"]``
+    Runs on one thread (the torch thread count is restored), which keeps it quick on a loaded
+    machine. Returns the results dict of :func:`benchmarks.bench_ops.run_ops`; ``results["files"]``
     holds the paths written (``json``, ``markdown`` and, with matplotlib, ``png``).
     """
-    return run_ops("smoke", out_dir=out_dir, verbose=False)
+    return run_ops("smoke", threads=1, out_dir=out_dir, verbose=False)

@@ -15,13 +15,30 @@ import pytest
 pytest.importorskip("pytest_benchmark")
 pytest.importorskip("mllm_kernels", reason="mllm_kernels (and its compiled library) is not importable")
 
-from . import cases  # noqa: E402
-from .sizes import FULL  # noqa: E402
+from . import cases
+from .sizes import FULL
 
-SMALL = replace(FULL, B=8, n_cached=2_048, n_large=16_384, n_grad=2_048, tree_leaves=16_384,
-                pool_rows=8_192, pool_rows_grad=4_096, segments=1_000)
-MEDIUM = replace(FULL, n_cached=8_192, n_large=262_144, n_grad=8_192, tree_leaves=262_144,
-                 pool_rows=131_072, pool_rows_grad=32_768, segments=20_000)
+SMALL = replace(
+    FULL,
+    B=8,
+    n_cached=2_048,
+    n_large=16_384,
+    n_grad=2_048,
+    tree_leaves=16_384,
+    pool_rows=8_192,
+    pool_rows_grad=4_096,
+    segments=1_000,
+)
+MEDIUM = replace(
+    FULL,
+    n_cached=8_192,
+    n_large=262_144,
+    n_grad=8_192,
+    tree_leaves=262_144,
+    pool_rows=131_072,
+    pool_rows_grad=32_768,
+    segments=20_000,
+)
 SIZES = {"small": SMALL, "medium": MEDIUM}
 BACKENDS = ["cpu", "reference"]
 

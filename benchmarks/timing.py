@@ -8,8 +8,8 @@ far steadier than two measurements taken one after the other.
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Callable, Sequence
 
 import torch
 from torch.utils.benchmark import Measurement, Timer
@@ -38,8 +38,9 @@ class Stats:
 
 def _calls_per_block(timer: Timer, block_s: float) -> int:
     """Warm up, then pick how many calls make a block of about ``block_s`` seconds."""
-    first = timer.timeit(1).times[0]  # warm-up: first-call allocations, lazy initialisation
-    per_call = min(first, timer.timeit(1).times[0])
+    per_call = timer.timeit(1).times[0]  # warm-up: first-call allocations, lazy initialisation
+    if per_call < block_s:  # a slow callable is not called again just to calibrate
+        per_call = min(per_call, timer.timeit(1).times[0])
     return max(1, min(100_000, int(block_s / max(per_call, 1e-9))))
 
 
@@ -50,13 +51,16 @@ def measure_interleaved(
     min_rounds: int,
     max_rounds: int,
     min_time_s: float,
+    max_time_s: float,
     block_s: float,
     names: Sequence[str] | None = None,
 ) -> tuple[list[Stats], list[list[float]]]:
     """Time ``fns`` in interleaved rounds, one block of calls of each per round.
 
     The order alternates every round. Rounds go on until every callable has run ``min_time_s``
-    seconds in total and ``min_rounds`` rounds are done, or ``max_rounds`` rounds are done.
+    seconds in total and ``min_rounds`` rounds are done; they stop early after ``max_rounds``
+    rounds, or once one callable has run ``max_time_s`` seconds and at least 3 rounds are done
+    (so a slow reference does not take minutes).
 
     Returns:
         ``(stats, rounds)``: the :class:`Stats` of each callable (over all its blocks), and for
@@ -71,7 +75,17 @@ def measure_interleaved(
     blocks: list[list[Measurement]] = [[] for _ in fns]
     spent = [0.0] * len(fns)
     rounds = 0
-    while rounds < max_rounds and (rounds < min_rounds or min(spent) < min_time_s):
+
+    def done() -> bool:
+        if rounds >= max_rounds:
+            return True
+        if rounds < min(3, min_rounds):
+            return False
+        if max(spent) >= max_time_s:
+            return True
+        return rounds >= min_rounds and min(spent) >= min_time_s
+
+    while not done():
         order = range(len(fns)) if rounds % 2 == 0 else reversed(range(len(fns)))
         for i in order:
             measurement = timers[i].timeit(numbers[i])
@@ -81,9 +95,7 @@ def measure_interleaved(
     stats = []
     for number, measured in zip(numbers, blocks):
         merged = Measurement.merge(measured)[0]
-        stats.append(
-            Stats(merged.median, merged.iqr, min(merged.times), max(merged.times), len(measured), number)
-        )
+        stats.append(Stats(merged.median, merged.iqr, min(merged.times), max(merged.times), len(measured), number))
     per_round = [[m.times[0] for m in measured] for measured in blocks]
     return stats, per_round
 
@@ -94,9 +106,7 @@ def compare(kernel: Callable, reference: Callable, **kwargs) -> dict:
     ``speedup = median_reference / median_kernel``; ``speedup_min``/``speedup_max`` are the
     smallest and largest ratio of the two blocks timed in the same round.
     """
-    (k, r), (k_rounds, r_rounds) = measure_interleaved(
-        [kernel, reference], names=["kernel", "reference"], **kwargs
-    )
+    (k, r), (k_rounds, r_rounds) = measure_interleaved([kernel, reference], names=["kernel", "reference"], **kwargs)
     ratios = [rt / kt for kt, rt in zip(k_rounds, r_rounds) if kt > 0]
     return {
         "kernel": k.as_dict(),
@@ -118,10 +128,7 @@ def measure_bandwidth(n_bytes: int, **kwargs) -> dict:
     src = torch.rand(numel)
     dst = torch.empty_like(src)
     read_bytes = src.nbytes
-    (read, copy), _ = measure_interleaved(
-        [src.sum, lambda: dst.copy_(src)], names=["read", "copy"], **kwargs
-    )
-    del src, dst
+    (read, copy), _ = measure_interleaved([src.sum, lambda: dst.copy_(src)], names=["read", "copy"], **kwargs)
     return {
         "buffer_bytes": read_bytes,
         "read_gbps": read_bytes / read.median / 1e9,
