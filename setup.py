@@ -31,7 +31,8 @@ def _extension():
     cuda_sources = _sources("csrc/cuda/*.cu")
     march = os.environ.get("MLLM_CPU_ARCH", "native")
     # -Wno-maybe-uninitialized: GCC 12's AVX-512 intrinsic headers trip it (GCC bug 105593).
-    cxx_flags = ["-O3", f"-march={march}", "-fopenmp", "-fno-math-errno", "-Wno-maybe-uninitialized"]
+    cxx_flags = ["-O3", f"-march={march}", "-fopenmp", "-fno-math-errno", "-fvisibility=hidden",
+                 "-Wno-maybe-uninitialized"]
     with_cuda = _cuda_requested() and bool(cuda_sources)
     if with_cuda:
         return CUDAExtension(

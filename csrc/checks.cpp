@@ -79,6 +79,8 @@ void check_parents(const char* op, const at::Tensor& parents, const at::Tensor& 
   TORCH_CHECK_VALUE(parents.size(0) == probes.size(0), op, ": parents has B=", parents.size(0),
                     " rows but probes has B=", probes.size(0));
   check_same_device(op, "probes", probes, "parents", parents);
+  TORCH_CHECK_VALUE(parents.size(1) == 0 || fanout <= std::numeric_limits<int64_t>::max() / parents.size(1), op,
+                    ": T * fanout overflows int64 (T=", parents.size(1), ", fanout=", fanout, ")");
   const int64_t num_parents = ceil_div(num_children, fanout);
   const at::Tensor host = parents.contiguous().cpu();
   const int64_t* data = host.data_ptr<int64_t>();

@@ -24,7 +24,7 @@ void check_offsets(const char* op, const char* name, const at::Tensor& offsets, 
 void check_level(const char* op, const at::Tensor& probes, const at::Tensor& keys,
                  const std::optional<at::Tensor>& mask, const std::string& probes_name = "probes",
                  const std::string& keys_name = "keys", const std::string& mask_name = "mask");
-// int64 [B, T] with ids -1 or in [0, ceil(num_children / fanout)).
+// int64 [B, T] with ids -1 or in [0, ceil(num_children / fanout)), and T * fanout within int64.
 void check_parents(const char* op, const at::Tensor& parents, const at::Tensor& probes,
                    int64_t num_children, int64_t fanout);
 

@@ -10,7 +10,7 @@
 
 // An importable, empty Python module: `import mllm_kernels._C` loads this library, whose static
 // initialisers register the operators with the dispatcher. There is no pybind surface.
-extern "C" PyObject* PyInit__C(void) {
+PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
 }

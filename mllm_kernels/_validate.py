@@ -124,6 +124,8 @@ def check_children(op, probes, keys, parents, fanout, reduce, mask):
     if parents.shape[0] != probes.shape[0]:
         raise ValueError(f"{op}: parents has B={parents.shape[0]} rows but probes has B={probes.shape[0]}")
     _same_device(op, probes=probes, parents=parents)
+    if parents.shape[1] * fanout > torch.iinfo(torch.int64).max:
+        raise ValueError(f"{op}: T * fanout overflows int64 (T={parents.shape[1]}, fanout={fanout})")
     if parents.numel():
         num_parents = -(-keys.shape[0] // fanout)
         low, high = int(parents.min()), int(parents.max())

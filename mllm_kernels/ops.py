@@ -135,8 +135,9 @@ def cls_pool(
         ``x`` and ``q``; the backward recomputes the weights from a saved log-sum-exp.
     """
     ops = _resolve("cls_pool", backend, _device_of("cls_pool", "x", x))
-    if scale is None and isinstance(x, torch.Tensor) and x.dim() == 2:
-        scale = x.shape[1] ** -0.5 if x.shape[1] > 0 else 1.0
+    if scale is None:
+        # 1/sqrt(D); any placeholder for a malformed x, which the op itself rejects by name.
+        scale = x.shape[-1] ** -0.5 if x.dim() > 0 and x.shape[-1] > 0 else 1.0
     if ops is None:
         _validate.check_cls_pool(x, q, chunk_offsets, scale)
         return reference.cls_pool(x, q, chunk_offsets, scale)

@@ -43,7 +43,8 @@ def chunk_offsets(seg_offsets: torch.Tensor, chunk_size: int):
         ``(chunk_offsets int64 [C + 1], chunk_segment int64 [C])``. Empty segments give no chunk.
     """
     lengths = seg_offsets[1:] - seg_offsets[:-1]
-    n_chunks = (lengths + chunk_size - 1) // chunk_size
+    # (length - 1) // chunk_size + 1 rather than (length + chunk_size - 1) // chunk_size: no overflow
+    n_chunks = torch.where(lengths > 0, (lengths - 1) // chunk_size + 1, 0)
     num_segments = lengths.numel()
     chunk_segment = torch.repeat_interleave(
         torch.arange(num_segments, device=seg_offsets.device), n_chunks

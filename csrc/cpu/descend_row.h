@@ -12,6 +12,9 @@
 
 namespace mllm::cpu {
 
+// Candidate keys scored together: each probe load is shared by this many keys.
+constexpr int64_t kKeysPerStep = 4;
+
 // One level as the row kernel sees it: raw pointers, sizes, and the row's output.
 template <typename key_t, typename acc_t>
 struct LevelView {
@@ -32,22 +35,27 @@ void descend_row(const LevelView<key_t, acc_t>& level, int64_t b, const int64_t*
                  int64_t fanout, bool skip_repeated, int64_t t, acc_t* out_scores, int64_t* out_ids,
                  std::vector<acc_t>& dots) {
   const acc_t* probes = level.probes + b * level.num_probes * level.dim;
+  const int64_t row_bytes = level.dim * int64_t(sizeof(key_t));
   RunningTopT<acc_t> top(out_scores, out_ids, t);
-  dots.resize(level.num_probes);
+  dots.resize(kKeysPerStep * level.num_probes);
   for (int64_t j = 0; j < num_parents; ++j) {
     const int64_t parent = parents[j];
     if (parent < 0) continue;
     bool repeated = false;
     for (int64_t k = 0; skip_repeated && k < j && !repeated; ++k) repeated = parents[k] == parent;
     if (repeated) continue;
+    // The hardware prefetcher follows a block once it has started; warm up the next one.
+    if (j + 1 < num_parents && parents[j + 1] >= 0)
+      prefetch_row(level.keys + parents[j + 1] * fanout * level.dim, kKeysPerStep * row_bytes);
     const int64_t first = parent * fanout;
     const int64_t last = first + std::min(fanout, level.num_nodes - first);
-    for (int64_t child = first; child < last; ++child) {
-      if (level.mask != nullptr && !level.mask[child]) continue;
-      const key_t* key = level.keys + child * level.dim;
-      if (child + 1 < last) prefetch_row(key + level.dim, level.dim * int64_t(sizeof(key_t)));
-      multi_dot(probes, level.num_probes, level.dim, key, dots.data());
-      top.push(reduce_probes(dots.data(), level.num_probes, level.lse), child);
+    for (int64_t child = first; child < last; child += kKeysPerStep) {
+      const int64_t count = std::min(kKeysPerStep, last - child);
+      multi_dot(probes, level.num_probes, level.dim, level.keys + child * level.dim, dots.data(), count);
+      for (int64_t k = 0; k < count; ++k) {
+        if (level.mask != nullptr && !level.mask[child + k]) continue;
+        top.push(reduce_probes(dots.data() + k * level.num_probes, level.num_probes, level.lse), child + k);
+      }
     }
   }
   top.finish();

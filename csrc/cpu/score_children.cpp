@@ -4,12 +4,12 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
-#include <limits>
 #include <vector>
 
 #include "../checks.h"
 #include "../common/probe_reduce.h"
 #include "kernels.h"
+#include "descend_row.h"
 #include "simd.h"
 
 namespace mllm::cpu {
@@ -44,8 +44,6 @@ std::tuple<at::Tensor, at::Tensor> score_children(const at::Tensor& probes, cons
   const at::Tensor mask_c = mask.has_value() ? mask->contiguous() : at::Tensor();
   const int64_t batch = probes.size(0), num_probes = probes.size(1), dim = probes.size(2);
   const int64_t num_parents = parents.size(1), num_nodes = keys.size(0);
-  TORCH_CHECK_VALUE(num_parents == 0 || fanout <= std::numeric_limits<int64_t>::max() / num_parents, op,
-                    ": T * fanout overflows int64 (T=", num_parents, ", fanout=", fanout, ")");
   const int64_t num_slots = num_parents * fanout;
   at::Tensor scores = empty_output({batch, num_slots}, probes.options().dtype(acc));
   at::Tensor child_ids = empty_output({batch, num_slots}, parents.options());
@@ -62,21 +60,27 @@ std::tuple<at::Tensor, at::Tensor> score_children(const at::Tensor& probes, cons
       int64_t* id_data = child_ids.data_ptr<int64_t>();
       const int64_t work = batch * num_parents;
       at::parallel_for(0, work, 1, [&](int64_t begin, int64_t end) {
-        std::vector<acc_t> dots(num_probes);
+        std::vector<acc_t> dots(kKeysPerStep * num_probes);
         for (int64_t item = begin; item < end; ++item) {
           const int64_t b = item / num_parents, j = item % num_parents;
           const int64_t parent = parent_data[item];
-          for (int64_t k = 0; k < fanout; ++k) {
-            const int64_t slot = b * num_slots + j * fanout + k;
-            const int64_t child = parent < 0 ? -1 : parent * fanout + k;
-            if (parent < 0 || k >= num_nodes - parent * fanout || (mask_data != nullptr && !mask_data[child])) {
-              score_data[slot] = -INFINITY;
-              id_data[slot] = -1;
-              continue;
+          // Children [0, valid) of this parent exist; the rest of its slots are empty.
+          const int64_t valid = parent < 0 ? 0 : std::min(fanout, num_nodes - parent * fanout);
+          acc_t* slot_scores = score_data + b * num_slots + j * fanout;
+          int64_t* slot_ids = id_data + b * num_slots + j * fanout;
+          for (int64_t k = 0; k < valid; k += kKeysPerStep) {
+            const int64_t count = std::min(kKeysPerStep, valid - k);
+            const int64_t child = parent * fanout + k;
+            multi_dot(probe_data + b * num_probes * dim, num_probes, dim, key_data + child * dim, dots.data(), count);
+            for (int64_t i = 0; i < count; ++i) {
+              const bool masked = mask_data != nullptr && !mask_data[child + i];
+              slot_scores[k + i] = masked ? -INFINITY : reduce_probes(dots.data() + i * num_probes, num_probes, lse);
+              slot_ids[k + i] = masked ? -1 : child + i;
             }
-            multi_dot(probe_data + b * num_probes * dim, num_probes, dim, key_data + child * dim, dots.data());
-            score_data[slot] = reduce_probes(dots.data(), num_probes, lse);
-            id_data[slot] = child;
+          }
+          for (int64_t k = valid; k < fanout; ++k) {
+            slot_scores[k] = -INFINITY;
+            slot_ids[k] = -1;
           }
         }
       });

@@ -32,7 +32,8 @@ def chunk_offsets_kernel(seg_ptr, ends_ptr, offsets_ptr, segment_ptr, S, C, chun
     end_s = tl.load(ends_ptr + seg, mask=cmask, other=0)
     seg_start = tl.load(seg_ptr + seg, mask=cmask, other=0)
     seg_stop = tl.load(seg_ptr + seg + 1, mask=cmask, other=0)
-    count = (seg_stop - seg_start + chunk_size - 1) // chunk_size
+    length = seg_stop - seg_start
+    count = length // chunk_size + (length % chunk_size != 0)  # ceil without overflow
     first = end_s - count
     tl.store(offsets_ptr + c, seg_start + (c - first) * chunk_size, mask=cmask)
     tl.store(segment_ptr + c, seg, mask=cmask)

@@ -19,14 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _load_scale(scale, scale_ptr, F64: tl.constexpr):
-    if F64:
-        s = tl.load(scale_ptr)
-    else:
-        s = scale
-    return s
+from ._common import MAX, SUM
 
 
 @triton.jit
@@ -35,7 +28,7 @@ def cls_pool_fwd_kernel(x_ptr, q_ptr, offsets_ptr, out_ptr, lse_ptr, scale, scal
                         BLOCK_D: tl.constexpr):
     ACC: tl.constexpr = tl.float64 if F64 else tl.float32
     c = tl.program_id(0).to(tl.int64)
-    scale_v = _load_scale(scale, scale_ptr, F64)
+    scale_v = tl.load(scale_ptr) if F64 else scale
     start = tl.load(offsets_ptr + c)
     end = tl.load(offsets_ptr + c + 1)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -52,14 +45,14 @@ def cls_pool_fwd_kernel(x_ptr, q_ptr, offsets_ptr, out_ptr, lse_ptr, scale, scal
         rmask = rows < end
         x = tl.load(x_ptr + rows[:, None] * D + offs_d[None, :], mask=rmask[:, None] & dmask[None, :],
                     other=0.0).to(ACC)
-        logits = tl.sum(q[:, None, :] * x[None, :, :], axis=2) * scale_v
+        logits = tl.reduce(q[:, None, :] * x[None, :, :], 2, SUM) * scale_v
         logits = tl.where(rmask[None, :], logits, float("-inf"))
-        m_new = tl.maximum(m, tl.max(logits, axis=1))
+        m_new = tl.maximum(m, tl.reduce(logits, 1, MAX))
         shift = tl.where(m_new > float("-inf"), m_new, 0.0)
         alpha = tl.exp(m - shift)
         p = tl.exp(logits - shift[:, None])
-        total = total * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * x[None, :, :], axis=1)
+        total = total * alpha + tl.reduce(p, 1, SUM)
+        acc = acc * alpha[:, None] + tl.reduce(p[:, :, None] * x[None, :, :], 1, SUM)
         m = m_new
     nonempty = total > 0
     pooled = acc / tl.where(nonempty, total, 1.0)[:, None]
@@ -78,7 +71,7 @@ def cls_pool_bwd_x_kernel(grad_out_ptr, grad_lse_ptr, x_ptr, q_ptr, offsets_ptr,
     """ds_ptr: ``[rows, H]`` scratch, row 0 = ``offsets[0]``."""
     ACC: tl.constexpr = tl.float64 if F64 else tl.float32
     c = tl.program_id(0).to(tl.int64)
-    scale_v = _load_scale(scale, scale_ptr, F64)
+    scale_v = tl.load(scale_ptr) if F64 else scale
     first = tl.load(offsets_ptr)
     start = tl.load(offsets_ptr + c)
     end = tl.load(offsets_ptr + c + 1)
@@ -91,7 +84,7 @@ def cls_pool_bwd_x_kernel(grad_out_ptr, grad_lse_ptr, x_ptr, q_ptr, offsets_ptr,
         m2 = hmask[:, None] & (offs_d < D)[None, :]
         go = tl.load(grad_out_ptr + head_rows[:, None] + offs_d[None, :], mask=m2, other=0.0).to(ACC)
         o = tl.load(out_ptr + head_rows[:, None] + offs_d[None, :], mask=m2, other=0.0).to(ACC)
-        delta += tl.sum(go * o, axis=1)
+        delta += tl.reduce(go * o, 1, SUM)
     lse = tl.load(lse_ptr + c * H + offs_h, mask=hmask, other=0.0).to(ACC)
     if HAS_GRAD_LSE:
         delta -= tl.load(grad_lse_ptr + c * H + offs_h, mask=hmask, other=0.0).to(ACC)
@@ -108,8 +101,8 @@ def cls_pool_bwd_x_kernel(grad_out_ptr, grad_lse_ptr, x_ptr, q_ptr, offsets_ptr,
                         other=0.0).to(ACC)
             q = tl.load(q_ptr + offs_h[:, None] * D + offs_d[None, :], mask=m2, other=0.0).to(ACC)
             go = tl.load(grad_out_ptr + head_rows[:, None] + offs_d[None, :], mask=m2, other=0.0).to(ACC)
-            logits += tl.sum(q[:, None, :] * x[None, :, :], axis=2)
-            dp += tl.sum(go[:, None, :] * x[None, :, :], axis=2)
+            logits += tl.reduce(q[:, None, :] * x[None, :, :], 2, SUM)
+            dp += tl.reduce(go[:, None, :] * x[None, :, :], 2, SUM)
         valid = hmask[:, None] & rmask[None, :]
         p = tl.where(valid, tl.exp(logits * scale_v - lse[:, None]), 0.0)
         ds = tl.where(valid, p * (dp - delta[:, None]), 0.0)
@@ -120,7 +113,7 @@ def cls_pool_bwd_x_kernel(grad_out_ptr, grad_lse_ptr, x_ptr, q_ptr, offsets_ptr,
             m2 = hmask[:, None] & dmask[None, :]
             q = tl.load(q_ptr + offs_h[:, None] * D + offs_d[None, :], mask=m2, other=0.0).to(ACC)
             go = tl.load(grad_out_ptr + head_rows[:, None] + offs_d[None, :], mask=m2, other=0.0).to(ACC)
-            gx = tl.sum(p[:, :, None] * go[:, None, :] + (ds * scale_v)[:, :, None] * q[:, None, :], axis=0)
+            gx = tl.reduce(p[:, :, None] * go[:, None, :] + (ds * scale_v)[:, :, None] * q[:, None, :], 0, SUM)
             tl.store(grad_x_ptr + rows[:, None] * D + offs_d[None, :], gx.to(grad_x_ptr.dtype.element_ty),
                      mask=rmask[:, None] & dmask[None, :])
 
@@ -131,7 +124,7 @@ def cls_pool_bwd_q_kernel(ds_ptr, x_ptr, out_ptr, first, num_rows, rows_per_spli
                           BLOCK_D: tl.constexpr):
     """``out[split, h, d] = scale * sum ds[i, h] * x[first + i, d]`` over the split's rows."""
     ACC: tl.constexpr = tl.float64 if F64 else tl.float32
-    scale_v = _load_scale(scale, scale_ptr, F64)
+    scale_v = tl.load(scale_ptr) if F64 else scale
     offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = offs_d < D
     split = tl.program_id(1).to(tl.int64)
@@ -147,7 +140,7 @@ def cls_pool_bwd_q_kernel(ds_ptr, x_ptr, out_ptr, first, num_rows, rows_per_spli
                      other=0.0).to(ACC)
         x = tl.load(x_ptr + (first + rows)[:, None] * D + offs_d[None, :], mask=rmask[:, None] & dmask[None, :],
                     other=0.0).to(ACC)
-        acc += tl.sum(ds[:, :, None] * x[None, :, :], axis=1)
+        acc += tl.reduce(ds[:, :, None] * x[None, :, :], 1, SUM)
     out_rows = (split * H + offs_h).to(tl.int64)
     tl.store(out_ptr + out_rows[:, None] * D + offs_d[None, :], (acc * scale_v).to(out_ptr.dtype.element_ty),
              mask=hmask[:, None] & dmask[None, :])

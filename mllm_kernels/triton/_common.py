@@ -1,10 +1,13 @@
-"""Shared ``@triton.jit`` helpers: probe scoring, the NaN-aware probe reduction, and the running
-top-t (a bitonic network on (key, id) pairs).
+"""Shared ``@triton.jit`` helpers: probe scoring with the NaN-aware probe reduction, and the
+running top-t (a rank merge, or a bitonic network on (key, id) pairs for large t).
 
 Ordering used by every selection: a larger score first, equal scores by a smaller node id. Scores
 are mapped to an order-preserving int64 ``key`` (so the network compares integers only); invalid
 slots carry the sentinel pair ``(I64_MIN, I64_MAX)``, which ranks below every valid pair, the
 score ``-inf`` included.
+
+Under ``TRITON_INTERPRET=1`` every operation and every nested jit call has a fixed Python cost,
+so the helpers are few and coarse.
 """
 
 from __future__ import annotations
@@ -14,6 +17,27 @@ import triton.language as tl
 
 I64_MIN = tl.constexpr(-(2**63))
 I64_MAX = tl.constexpr(2**63 - 1)
+
+# Reductions are written ``tl.reduce(x, axis, SUM)`` with triton's own combine functions rather
+# than ``tl.sum`` / ``tl.max``: the same code on a GPU, but the interpreter runs these as single
+# NumPy reductions without the fixed cost of a nested jit call (``tl.sum`` is one).
+try:
+    from triton.language.standard import _elementwise_max as MAX
+    from triton.language.standard import _elementwise_min as MIN
+    from triton.language.standard import _sum_combine as SUM
+except ImportError:  # pragma: no cover - other triton versions: same results, slower interpreter
+
+    @triton.jit
+    def SUM(a, b):
+        return a + b
+
+    @triton.jit
+    def MAX(a, b):
+        return tl.maximum(a, b)
+
+    @triton.jit
+    def MIN(a, b):
+        return tl.minimum(a, b)
 
 
 def next_pow2(n: int) -> int:
@@ -28,12 +52,16 @@ def log2(n: int) -> int:
 
 
 @triton.jit
-def probe_dots(probe_row, P, D, keys_ptr, child, valid,
-               BS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
-    """``dots[p, s] = <probes[b, p], keys[child[s]]>`` as ``[BLOCK_P, BS]`` in ``ACC``.
+def probe_scores(probe_row, P, D, keys_ptr, child, valid, LSE: tl.constexpr,
+                 BS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    """Dots ``[BLOCK_P, BS]`` of the row's probes with the slots' keys, and their reduction.
 
-    ``probe_row`` points at ``probes[b]`` (``[P, D]`` contiguous); rows of invalid slots and
-    padded probes / columns are loaded as zeros. D is walked in ``BLOCK_D`` chunks.
+    ``dots[p, s] = <probes[b, p], keys[child[s]]>`` in ``ACC``: ``probe_row`` points at
+    ``probes[b]`` (``[P, D]`` contiguous); invalid slots and padded probes / columns load as
+    zeros; D is walked in ``BLOCK_D`` chunks. Every slot is computed by the same operations, so
+    equal keys get bit-identical scores (exact ties). The score reduces the P real probes with
+    max (LSE false) or logsumexp, like ``torch.amax`` / ``torch.logsumexp``: any NaN gives NaN,
+    all ``-inf`` gives ``-inf``, a ``+inf`` gives ``+inf``.
     """
     offs_p = tl.arange(0, BLOCK_P)
     pmask = offs_p < P
@@ -46,49 +74,26 @@ def probe_dots(probe_row, P, D, keys_ptr, child, valid,
                      mask=pmask[:, None] & dmask[None, :], other=0.0).to(ACC)
         kr = tl.load(keys_ptr + row[:, None] + offs_d[None, :],
                      mask=valid[:, None] & dmask[None, :], other=0.0).to(ACC)
-        dots += tl.sum(pr[:, None, :] * kr[None, :, :], axis=2)
-    return dots
-
-
-@triton.jit
-def reduce_probes(dots, P, LSE: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Reduce ``[BLOCK_P, BS]`` dots over the P real probes: max or logsumexp.
-
-    Matches ``torch.amax`` / ``torch.logsumexp``: any NaN gives NaN, all ``-inf`` gives ``-inf``,
-    a ``+inf`` gives ``+inf``.
-    """
-    pmask = (tl.arange(0, BLOCK_P) < P)[:, None]
+        dots += tl.reduce(pr[:, None, :] * kr[None, :, :], 2, SUM)
     isnan = dots != dots
-    d = tl.where(pmask & ~isnan, dots, float("-inf"))
-    m = tl.max(d, axis=0)
-    has_nan = tl.max(tl.where(pmask & isnan, 1, 0), axis=0) > 0
+    real = pmask[:, None]
+    d = tl.where(real & ~isnan, dots, float("-inf"))
+    m = tl.reduce(d, 0, MAX)
     if LSE:
         finite = (m > float("-inf")) & (m < float("inf"))
         shift = tl.where(finite, m, 0.0)
-        total = tl.sum(tl.where(pmask, tl.exp(d - shift[None, :]), 0.0), axis=0)
+        total = tl.reduce(tl.exp(d - shift[None, :]), 0, SUM)
         m = shift + tl.log(total)
-    return tl.where(has_nan, float("nan"), m)
+    has_nan = tl.reduce(tl.where(real & isnan, 1, 0), 0, MAX) > 0
+    return dots, tl.where(has_nan, float("nan"), m)
 
 
 # --------------------------------------------------------------------------- order keys
 
 
 @triton.jit
-def order_key(score, F64: tl.constexpr):
-    """Order-preserving int64 image of a float score (-0.0 is mapped like +0.0); NaN excluded."""
-    score = tl.where(score == 0, 0.0, score)
-    if F64:
-        bits = score.to(tl.int64, bitcast=True)
-        key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFFFFFFFFFF)
-    else:
-        bits32 = score.to(tl.float32).to(tl.int32, bitcast=True)
-        key = tl.where(bits32 >= 0, bits32, bits32 ^ 0x7FFFFFFF).to(tl.int64)
-    return key
-
-
-@triton.jit
 def key_score(key, F64: tl.constexpr):
-    """Inverse of :func:`order_key`."""
+    """Inverse of the order key of :func:`push_top`."""
     if F64:
         bits = tl.where(key >= 0, key, key ^ 0x7FFFFFFFFFFFFFFF)
         score = bits.to(tl.float64, bitcast=True)
@@ -97,6 +102,60 @@ def key_score(key, F64: tl.constexpr):
         bits32 = tl.where(k32 >= 0, k32, k32 ^ 0x7FFFFFFF)
         score = bits32.to(tl.float32, bitcast=True)
     return score
+
+
+# --------------------------------------------------------------------------- running top-R
+
+
+@triton.jit
+def push_top(run_k, run_v, score, child, valid, F64: tl.constexpr, R: tl.constexpr, LOGR: tl.constexpr,
+             BS: tl.constexpr, RANK: tl.constexpr):
+    """Merge a tile of BS scored slots into the running top-R ``(run_k, run_v)`` (sorted, best first).
+
+    NaN scores and invalid slots are dropped. Scores become order-preserving int64 keys (-0.0
+    like +0.0). Valid (key, id) pairs must be distinct (no child twice in a row), so the order
+    is strict. A tile whose best key is below the running minimum is skipped.
+
+    RANK: rank merge -- each pair's rank in the union is the number of pairs that beat it
+    (``[BS, BS]`` and ``[R, BS]`` comparisons), and the new top R is gathered by rank with
+    one-hot reductions; a constant number of operations (good for small R and the interpreter).
+    Otherwise: bitonic merge (R >= BS), :func:`merge_top`.
+    """
+    valid = valid & (score == score)
+    s = tl.where(score == 0, 0.0, score)
+    if F64:
+        bits = s.to(tl.int64, bitcast=True)
+        key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFFFFFFFFFF)
+    else:
+        bits32 = s.to(tl.float32).to(tl.int32, bitcast=True)
+        key = tl.where(bits32 >= 0, bits32, bits32 ^ 0x7FFFFFFF).to(tl.int64)
+    key = tl.where(valid, key, I64_MIN)
+    ids = tl.where(valid, child.to(tl.int64), I64_MAX)
+    best = tl.reduce(key, 0, MAX)
+    if (best > I64_MIN) & (best >= tl.reduce(run_k, 0, MIN)):
+        if RANK:
+            # tile i beats tile j
+            tk_i = key[:, None]
+            tk_j = key[None, :]
+            t_beats_t = (tk_i > tk_j) | ((tk_i == tk_j) & (ids[:, None] < ids[None, :]))
+            rank_t = tl.reduce(t_beats_t.to(tl.int32), 0, SUM)
+            rk = run_k[:, None]
+            rv = run_v[:, None]
+            same_k = rk == tk_j
+            r_beats_t = (rk > tk_j) | (same_k & (rv < ids[None, :]))
+            t_beats_r = ~r_beats_t & ~(same_k & (rv == ids[None, :]))
+            rank_t += tl.reduce(r_beats_t.to(tl.int32), 0, SUM)
+            pos = tl.arange(0, R)
+            rank_r = pos + tl.reduce(t_beats_r.to(tl.int32), 1, SUM)
+            at_r = rank_r[None, :] == pos[:, None]
+            at_t = rank_t[None, :] == pos[:, None]
+            run_k = tl.maximum(tl.reduce(tl.where(at_r, run_k[None, :], I64_MIN), 1, MAX),
+                               tl.reduce(tl.where(at_t, key[None, :], I64_MIN), 1, MAX))
+            run_v = tl.minimum(tl.reduce(tl.where(at_r, run_v[None, :], I64_MAX), 1, MIN),
+                               tl.reduce(tl.where(at_t, ids[None, :], I64_MAX), 1, MIN))
+        else:
+            run_k, run_v = merge_top(run_k, run_v, widen(key, I64_MIN, BS, R), widen(ids, I64_MAX, BS, R), R, LOGR)
+    return run_k, run_v
 
 
 # --------------------------------------------------------------------------- bitonic network

@@ -1,10 +1,11 @@
 """descend and descend_tree: scoring and top-t selection fused in one launch.
 
 One program per query row b. The row's candidate slots are walked in tiles of BS; each tile is
-scored against the row's probes (:func:`probe_dots` + :func:`reduce_probes`), turned into
+scored against the row's probes (:func:`probe_scores`), turned into
 (order key, node id) pairs, and merged into a running top-R held in registers
-(:func:`merge_top`, R = next power of two >= max(t, BS)). Scores are never written to memory;
-only the final t pairs are. A tile whose best pair cannot enter the running top-R is skipped.
+(:func:`push_top`: a rank merge for R <= 128 and always under the interpreter, else a bitonic
+merge). Scores are never written to memory; only the final t pairs are. A tile whose best pair
+cannot enter the running top-R is skipped.
 
 ``descend`` first writes the row's parents with duplicates replaced by -1 into a scratch row
 (a child under a duplicated parent counts once), then selects from that scratch row.
@@ -19,19 +20,21 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import I64_MAX, I64_MIN, key_score, merge_top, order_key, probe_dots, reduce_probes, widen
+from ._common import I64_MAX, I64_MIN, MAX, key_score, probe_scores, push_top
 
 
 @triton.jit
-def _select_row(probe_row, P, D, keys_ptr, N, mask_ptr, parent_row, T, fanout, t,
+def _select_row(probe_row, P, D, keys_ptr, N, mask_ptr, parent_row, T, fanout, width, t,
                 out_ids_row, out_scores_row,
                 TOP: tl.constexpr, HAS_MASK: tl.constexpr, LSE: tl.constexpr, F64: tl.constexpr,
-                R: tl.constexpr, LOGR: tl.constexpr, BS: tl.constexpr,
+                R: tl.constexpr, LOGR: tl.constexpr, BS: tl.constexpr, RANK: tl.constexpr,
                 BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
     """Top t children of one row, written to ``out_ids_row[:t]`` / ``out_scores_row[:t]``.
 
-    TOP: the candidates are all N nodes (slot j is node j); else slot j is child
-    ``j % fanout`` of ``parent_row[j // fanout]`` for the T parents.
+    TOP: the candidates are all N nodes (slot j is node j). Else slot j is child
+    ``parent * fanout + j % width`` of ``parent = parent_row[j // width]`` for the T parents,
+    where ``width = min(fanout, N)``: child ``r >= N`` of any parent is past the level, so a
+    huge fanout costs nothing. R >= min(t, number of slots); outputs past R are padding.
     """
     ACC: tl.constexpr = tl.float64 if F64 else tl.float32
     run_k = tl.full([R], I64_MIN, tl.int64)
@@ -39,7 +42,7 @@ def _select_row(probe_row, P, D, keys_ptr, N, mask_ptr, parent_row, T, fanout, t
     if TOP:
         num_slots = N
     else:
-        num_slots = T * fanout
+        num_slots = T * width
     for j0 in range(0, num_slots, BS):
         j = j0 + tl.arange(0, BS).to(tl.int64)
         in_range = j < num_slots
@@ -47,28 +50,23 @@ def _select_row(probe_row, P, D, keys_ptr, N, mask_ptr, parent_row, T, fanout, t
             child = j
             valid = in_range
         else:
-            slot_parent = j // fanout
+            slot_parent = j // width
             parent = tl.load(parent_row + slot_parent, mask=in_range, other=-1)
-            child = parent * fanout + (j - slot_parent * fanout)
+            child = parent * fanout + (j - slot_parent * width)
             valid = in_range & (parent >= 0) & (child < N)
         if HAS_MASK:
             valid = valid & (tl.load(mask_ptr + child, mask=valid, other=0) != 0)
-        dots = probe_dots(probe_row, P, D, keys_ptr, child, valid, BS, BLOCK_P, BLOCK_D, ACC)
-        score = reduce_probes(dots, P, LSE, BLOCK_P)
-        valid = valid & (score == score)
-        key = tl.where(valid, order_key(score, F64), I64_MIN)
-        ids = tl.where(valid, child, I64_MAX)
-        # The running minimum is its last element; a tile that cannot beat it changes nothing.
-        best = tl.max(key, axis=0)
-        if (best > I64_MIN) & (best >= tl.min(run_k, axis=0)):
-            run_k, run_v = merge_top(run_k, run_v, widen(key, I64_MIN, BS, R), widen(ids, I64_MAX, BS, R),
-                                     R, LOGR)
+        _, score = probe_scores(probe_row, P, D, keys_ptr, child, valid, LSE, BS, BLOCK_P, BLOCK_D, ACC)
+        run_k, run_v = push_top(run_k, run_v, score, child, valid, F64, R, LOGR, BS, RANK)
     offs = tl.arange(0, R)
     found = run_k > I64_MIN
-    out_mask = offs < t
-    tl.store(out_ids_row + offs, tl.where(found, run_v, -1), mask=out_mask)
-    score = tl.where(found, key_score(run_k, F64), float("-inf"))
-    tl.store(out_scores_row + offs, score.to(out_scores_row.dtype.element_ty), mask=out_mask)
+    tl.store(out_ids_row + offs, tl.where(found, run_v, -1), mask=offs < t)
+    score = tl.where(found, key_score(run_k, F64), float("-inf")).to(out_scores_row.dtype.element_ty)
+    tl.store(out_scores_row + offs, score, mask=offs < t)
+    for o0 in range(R, t, R):  # t > number of slots: the rest is padding
+        o = o0 + offs
+        tl.store(out_ids_row + o, tl.full([R], -1, tl.int64), mask=o < t)
+        tl.store(out_scores_row + o, tl.full([R], float("-inf"), out_scores_row.dtype.element_ty), mask=o < t)
 
 
 @triton.jit
@@ -83,29 +81,29 @@ def _dedup_parents(parent_row, scratch_row, T, PB: tl.constexpr):
             pk = k0 + tl.arange(0, PB)
             pb = tl.load(parent_row + pk, mask=pk < T, other=-2)
             same = (pa[:, None] == pb[None, :]) & (pk[None, :] < pi[:, None])
-            dup = tl.maximum(dup, tl.max(same.to(tl.int32), axis=1))
+            dup = tl.maximum(dup, tl.reduce(same.to(tl.int32), 1, MAX))
         tl.store(scratch_row + pi, tl.where(dup > 0, -1, pa), mask=pm)
 
 
 @triton.jit
 def descend_kernel(probes_ptr, keys_ptr, parents_ptr, mask_ptr, scratch_ptr, ids_ptr, scores_ptr,
-                   P, D, N, T, fanout, t,
+                   P, D, N, T, fanout, width, t,
                    HAS_MASK: tl.constexpr, LSE: tl.constexpr, F64: tl.constexpr,
-                   R: tl.constexpr, LOGR: tl.constexpr, BS: tl.constexpr, PB: tl.constexpr,
+                   R: tl.constexpr, LOGR: tl.constexpr, BS: tl.constexpr, RANK: tl.constexpr, PB: tl.constexpr,
                    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     scratch_row = scratch_ptr + b * T
     _dedup_parents(parents_ptr + b * T, scratch_row, T, PB)
     tl.debug_barrier()
-    _select_row(probes_ptr + b * P * D, P, D, keys_ptr, N, mask_ptr, scratch_row, T, fanout, t,
+    _select_row(probes_ptr + b * P * D, P, D, keys_ptr, N, mask_ptr, scratch_row, T, fanout, width, t,
                 ids_ptr + b * t, scores_ptr + b * t,
-                False, HAS_MASK, LSE, F64, R, LOGR, BS, BLOCK_P, BLOCK_D)
+                False, HAS_MASK, LSE, F64, R, LOGR, BS, RANK, BLOCK_P, BLOCK_D)
 
 
 @triton.jit
-def descend_tree_kernel(probes, keys, masks, ids, scores, Ps, Ds, Ns, ts, fanout,
+def descend_tree_kernel(probes, keys, masks, ids, scores, Ps, Ds, Ns, widths, ts, fanout,
                         L: tl.constexpr, HAS_MASK: tl.constexpr, F64: tl.constexpr, LSE: tl.constexpr,
-                        R: tl.constexpr, LOGR: tl.constexpr, BS: tl.constexpr,
+                        R: tl.constexpr, LOGR: tl.constexpr, BS: tl.constexpr, RANK: tl.constexpr,
                         BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
     """Every argument but fanout, L and LSE is a tuple with one entry per level."""
     b = tl.program_id(0).to(tl.int64)
@@ -121,6 +119,6 @@ def descend_tree_kernel(probes, keys, masks, ids, scores, Ps, Ds, Ns, ts, fanout
             parent_row = ids[level - 1] + b * ts[level - 1]
             T = ts[level - 1]
         _select_row(probes[level] + b * P * D, P, D, keys[level], Ns[level], masks[level], parent_row, T,
-                    fanout, t, ids[level] + b * t, scores[level] + b * t,
+                    fanout, widths[level], t, ids[level] + b * t, scores[level] + b * t,
                     level == 0, HAS_MASK[level], LSE, F64[level], R[level], LOGR[level], BS[level],
-                    BLOCK_P[level], BLOCK_D[level])
+                    RANK[level], BLOCK_P[level], BLOCK_D[level])

@@ -1,7 +1,8 @@
 """score_children forward and backward kernels.
 
-Forward: grid ``(B, cdiv(T * fanout, BS))``; a program scores a tile of BS child slots of one
-row against all P probes of the row (D walked in chunks) and writes scores and child ids.
+Forward: grid ``(B, min(cdiv(T * fanout, BS), 65535))``; a program scores tiles of BS child
+slots of one row against all P probes of the row (D walked in chunks) and writes scores and
+child ids.
 
 Backward: grid ``(B,)``; a program walks the row's slots in tiles, recomputes the dots, the
 probe weights (max: the arg-max probes, split evenly among exact ties, as torch.amax's backward;
@@ -16,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import probe_dots, reduce_probes
+from ._common import SUM, probe_scores
 
 
 @triton.jit
@@ -27,19 +28,20 @@ def score_children_kernel(probes_ptr, keys_ptr, parents_ptr, mask_ptr, scores_pt
     ACC: tl.constexpr = tl.float64 if F64 else tl.float32
     b = tl.program_id(0).to(tl.int64)
     num_slots = T * fanout
-    j = tl.program_id(1).to(tl.int64) * BS + tl.arange(0, BS)
-    in_range = j < num_slots
-    slot_parent = j // fanout
-    parent = tl.load(parents_ptr + b * T + slot_parent, mask=in_range, other=-1)
-    child = parent * fanout + (j - slot_parent * fanout)
-    valid = in_range & (parent >= 0) & (child < N)
-    if HAS_MASK:
-        valid = valid & (tl.load(mask_ptr + child, mask=valid, other=0) != 0)
-    dots = probe_dots(probes_ptr + b * P * D, P, D, keys_ptr, child, valid, BS, BLOCK_P, BLOCK_D, ACC)
-    score = reduce_probes(dots, P, LSE, BLOCK_P)
-    out = b * num_slots + j
-    tl.store(scores_ptr + out, tl.where(valid, score, float("-inf")), mask=in_range)
-    tl.store(ids_ptr + out, tl.where(valid, child, -1), mask=in_range)
+    for tile in range(tl.program_id(1), tl.cdiv(num_slots, BS), tl.num_programs(1)):
+        j = tl.arange(0, BS).to(tl.int64) + tile * BS
+        in_range = j < num_slots
+        slot_parent = j // fanout
+        parent = tl.load(parents_ptr + b * T + slot_parent, mask=in_range, other=-1)
+        child = parent * fanout + (j - slot_parent * fanout)
+        valid = in_range & (parent >= 0) & (child < N)
+        if HAS_MASK:
+            valid = valid & (tl.load(mask_ptr + child, mask=valid, other=0) != 0)
+        _, score = probe_scores(probes_ptr + b * P * D, P, D, keys_ptr, child, valid, LSE, BS, BLOCK_P, BLOCK_D,
+                                ACC)
+        out = b * num_slots + j
+        tl.store(scores_ptr + out, tl.where(valid, score, float("-inf")), mask=in_range)
+        tl.store(ids_ptr + out, tl.where(valid, child, -1), mask=in_range)
 
 
 @triton.jit
@@ -61,13 +63,12 @@ def score_children_backward_kernel(grad_ptr, probes_ptr, keys_ptr, ids_ptr, grad
         valid = in_range & (child >= 0)
         g = tl.load(grad_ptr + b * S + j, mask=valid, other=0.0).to(ACC)
         g = tl.where(valid, g, 0.0)
-        dots = probe_dots(probe_row, P, D, keys_ptr, child, valid, BS, BLOCK_P, BLOCK_D, ACC)
-        score = reduce_probes(dots, P, LSE, BLOCK_P)
+        dots, score = probe_scores(probe_row, P, D, keys_ptr, child, valid, LSE, BS, BLOCK_P, BLOCK_D, ACC)
         if LSE:
             weight = tl.exp(dots - score[None, :])
         else:
             hit = dots == score[None, :]
-            count = tl.sum(tl.where(pmask[:, None] & hit, 1.0, 0.0).to(ACC), axis=0)
+            count = tl.reduce(tl.where(pmask[:, None] & hit, 1.0, 0.0).to(ACC), 0, SUM)
             weight = tl.where(hit, 1.0 / tl.maximum(count, 1.0)[None, :], 0.0)
         G = tl.where(pmask[:, None] & valid[None, :], weight * g[None, :], 0.0).to(ACC)
         row = tl.where(valid, child, 0).to(tl.int64) * D
@@ -79,7 +80,7 @@ def score_children_backward_kernel(grad_ptr, probes_ptr, keys_ptr, ids_ptr, grad
             kr = tl.load(keys_ptr + row[:, None] + offs_d[None, :], mask=kmask, other=0.0).to(ACC)
             pr = tl.load(probe_row + offs_p[:, None] * D + offs_d[None, :], mask=pm2, other=0.0).to(ACC)
             gp_ptrs = grad_probe_row + offs_p[:, None] * D + offs_d[None, :]
-            gp = tl.load(gp_ptrs, mask=pm2, other=0.0) + tl.sum(G[:, :, None] * kr[None, :, :], axis=1)
+            gp = tl.load(gp_ptrs, mask=pm2, other=0.0) + tl.reduce(G[:, :, None] * kr[None, :, :], 1, SUM)
             tl.store(gp_ptrs, gp, mask=pm2)
-            gk = tl.sum(G[:, :, None] * pr[:, None, :], axis=0)
+            gk = tl.reduce(G[:, :, None] * pr[:, None, :], 0, SUM)
             tl.atomic_add(grad_keys_ptr + row[:, None] + offs_d[None, :], gk, mask=kmask)

@@ -39,6 +39,18 @@ def _on_cpu(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cpu"
 
 
+def _launch(kernel, grid, cpu: bool, *args, **kwargs):
+    """``kernel[grid](*args, **kwargs)``; under the interpreter, NumPy's floating-point warnings
+    (``log(0)``, ``inf - inf`` in masked lanes) are silenced, as a GPU raises none."""
+    if cpu:
+        import numpy
+
+        with numpy.errstate(all="ignore"):
+            kernel[grid](*args, **kwargs)
+    else:
+        kernel[grid](*args, **kwargs)
+
+
 def _scale_args(scale: float, acc: torch.dtype, device):
     """(float scale, pointer to the scale in float64) -- float64 kernels read the exact value."""
     if acc == torch.float64:
@@ -46,13 +58,16 @@ def _scale_args(scale: float, acc: torch.dtype, device):
     return float(scale), None
 
 
-def _score_blocks(P: int, D: int, cpu: bool):
-    """(BLOCK_P, BLOCK_S, BLOCK_D) for scoring tiles of child slots."""
+def _score_blocks(P: int, D: int, S: int, cpu: bool):
+    """(BLOCK_P, BLOCK_S, BLOCK_D) for scoring tiles of child slots (S slots per row).
+
+    The ``[BLOCK_P, BLOCK_S, BLOCK_D]`` product of a D chunk is bounded: 2**18 elements on CPU
+    (one NumPy operation each), 4096 on a GPU (registers).
+    """
     block_p = next_pow2(P)
-    if cpu:
-        return block_p, 64, min(next_pow2(D), 512)
-    block_s = 32
-    block_d = max(1, min(next_pow2(D), 4096 // (block_p * block_s)))
+    block_s = min(128 if cpu else 32, max(2, next_pow2(S)))
+    budget = 2**18 if cpu else 4096
+    block_d = max(1, min(next_pow2(D), budget // (block_p * block_s)))
     return block_p, block_s, block_d
 
 
@@ -63,15 +78,16 @@ def chunk_offsets(seg_offsets: torch.Tensor, chunk_size: int):
     _validate.check_chunk_offsets(seg_offsets, chunk_size)
     seg = seg_offsets.contiguous()
     num_segments = seg.numel() - 1
-    counts = (seg[1:] - seg[:-1] + (chunk_size - 1)).div(chunk_size, rounding_mode="floor")
+    lengths = seg[1:] - seg[:-1]
+    counts = lengths.div(chunk_size, rounding_mode="floor") + (lengths % chunk_size != 0)  # no overflow
     ends = torch.cumsum(counts, 0)
     C = int(ends[-1]) if num_segments else 0
     offsets = empty((C + 1,), torch.int64, seg.device)
     segment = empty((C,), torch.int64, seg.device)
     block = 256 if _on_cpu(seg) else 512
     grid = (max(1, triton.cdiv(C, block)),)
-    chunk_offsets_kernel[grid](seg, ends if num_segments else seg, offsets, segment, num_segments, C,
-                               chunk_size, num_segments.bit_length() + 1, BLOCK=block)
+    _launch(chunk_offsets_kernel, grid, _on_cpu(seg), seg, ends if num_segments else seg, offsets, segment,
+            num_segments, C, chunk_size, num_segments.bit_length() + 1, BLOCK=block)
     return offsets, segment
 
 
@@ -95,10 +111,10 @@ def cls_pool(x: torch.Tensor, q: torch.Tensor, chunk_offsets: torch.Tensor, scal
     lse = empty((C, H), acc, x.device)
     if C == 0 or H == 0:
         return pooled, lse
-    block_h, block_n, block_d = _cls_blocks(H, D, _on_cpu(x))
+    cpu = _on_cpu(x)
+    block_h, block_n, block_d = _cls_blocks(H, D, cpu)
     scale_f, scale_t = _scale_args(scale, acc, x.device)
-    grid = (C, triton.cdiv(H, block_h))
-    cls_pool_fwd_kernel[grid](x, q, offsets, pooled, lse, scale_f, scale_t, H, D,
+    _launch(cls_pool_fwd_kernel, (C, triton.cdiv(H, block_h)), cpu, x, q, offsets, pooled, lse, scale_f, scale_t, H, D,
                               F64=acc == torch.float64, BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d)
     return pooled, lse
 
@@ -125,7 +141,7 @@ def cls_pool_backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], 
     block_n = 32 if cpu else 16
     block_d = min(next_pow2(D), 512 if cpu else max(1, 4096 // (block_h * block_n)))
     ds = torch.empty((num_rows, H), dtype=acc, device=x.device)
-    cls_pool_bwd_x_kernel[(C,)](grad_out, grad_lse if grad_lse is not None else lse, x, q, offsets, out, lse,
+    _launch(cls_pool_bwd_x_kernel, (C,), cpu, grad_out, grad_lse if grad_lse is not None else lse, x, q, offsets, out, lse,
                                 grad_x, ds, scale_f, scale_t, H, D,
                                 HAS_GRAD_LSE=grad_lse is not None, F64=acc == torch.float64,
                                 BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d)
@@ -134,7 +150,7 @@ def cls_pool_backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], 
     block_dq = min(next_pow2(D), 512 if cpu else 64)
     direct = splits == 1 and q.dtype == acc
     grad_q = empty((H, D), q.dtype, q.device) if direct else torch.empty((splits, H, D), dtype=acc, device=q.device)
-    cls_pool_bwd_q_kernel[(triton.cdiv(D, block_dq), splits)](
+    _launch(cls_pool_bwd_q_kernel, (triton.cdiv(D, block_dq), splits), cpu,
         ds, x, grad_q, first, num_rows, rows_per_split, scale_f, scale_t, H, D,
         F64=acc == torch.float64, BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_dq)
     if not direct:
@@ -160,8 +176,9 @@ def score_children(probes: torch.Tensor, keys: torch.Tensor, parents: torch.Tens
     ids = empty((B, S), torch.int64, probes.device)
     if B == 0 or S == 0:
         return scores, ids
-    block_p, block_s, block_d = _score_blocks(P, D, _on_cpu(probes))
-    score_children_kernel[(B, triton.cdiv(S, block_s))](
+    cpu = _on_cpu(probes)
+    block_p, block_s, block_d = _score_blocks(P, D, S, cpu)
+    _launch(score_children_kernel, (B, min(triton.cdiv(S, block_s), 65535)), cpu,
         probes, keys, parents, _mask_arg(mask, parents), scores, ids, P, D, N, T, fanout,
         HAS_MASK=mask is not None, LSE=reduce == "lse", F64=acc == torch.float64,
         BS=block_s, BLOCK_P=block_p, BLOCK_D=block_d)
@@ -177,8 +194,9 @@ def score_children_backward(grad_scores: torch.Tensor, probes: torch.Tensor, key
     grad_probes = torch.zeros((B, P, D), dtype=acc, device=probes.device)
     grad_keys = torch.zeros((N, D), dtype=acc, device=keys.device)
     if B > 0 and S > 0 and D > 0:
-        block_p, block_s, block_d = _score_blocks(P, D, _on_cpu(probes))
-        score_children_backward_kernel[(B,)](
+        cpu = _on_cpu(probes)
+        block_p, block_s, block_d = _score_blocks(P, D, S, cpu)
+        _launch(score_children_backward_kernel, (B,), cpu,
             grad_scores, probes, keys, child_ids, grad_probes, grad_keys, P, D, S,
             LSE=reduce == "lse", F64=acc == torch.float64, BS=block_s, BLOCK_P=block_p, BLOCK_D=block_d)
     return grad_probes.to(probes.dtype), grad_keys.to(keys.dtype)
@@ -187,12 +205,22 @@ def score_children_backward(grad_scores: torch.Tensor, probes: torch.Tensor, key
 # --------------------------------------------------------------------------- descend
 
 
-def _select_blocks(t: int, P: int, D: int, cpu: bool):
-    """(R, LOGR, BS, BLOCK_P, BLOCK_D): running top-R and slot tiles of BS (BS divides R)."""
-    block_p, block_s, block_d = _score_blocks(P, D, cpu)
-    block_s = min(block_s, max(16, next_pow2(t)))
-    R = max(next_pow2(t), block_s)
-    return R, log2(R), block_s, block_p, block_d
+#: Largest running top-R merged by ranks on a GPU (the rank merge costs O((R + BS)**2) compares,
+#: the bitonic merge O(R log**2 R)); under the interpreter the rank merge is always used.
+RANK_MERGE_MAX_R = 128
+
+
+def _select_blocks(t: int, P: int, D: int, S: int, cpu: bool):
+    """(R, LOGR, BS, RANK, BLOCK_P, BLOCK_D): a running top-R fed by tiles of BS slots.
+
+    S is the number of candidate slots of a row; R >= min(t, S) (the kernel pads the rest).
+    """
+    block_p, block_s, block_d = _score_blocks(P, D, S, cpu)
+    R = max(next_pow2(min(t, S)), 2)
+    rank = cpu or R <= RANK_MERGE_MAX_R
+    if not rank:
+        R = max(R, block_s)  # the bitonic merge widens a tile to R
+    return R, log2(R), block_s, rank, block_p, block_d
 
 
 def descend(probes: torch.Tensor, keys: torch.Tensor, parents: torch.Tensor, fanout: int, t: int,
@@ -205,12 +233,14 @@ def descend(probes: torch.Tensor, keys: torch.Tensor, parents: torch.Tensor, fan
     scores = empty((B, t), acc, probes.device)
     if B == 0:
         return ids, scores
-    R, logr, block_s, block_p, block_d = _select_blocks(t, P, D, _on_cpu(probes))
+    cpu = _on_cpu(probes)
+    width = min(fanout, N)  # children r >= N of any parent are past the level
+    R, logr, block_s, rank, block_p, block_d = _select_blocks(t, P, D, T * width, cpu)
     scratch = torch.empty((B, T), dtype=torch.int64, device=probes.device)
-    descend_kernel[(B,)](
-        probes, keys, parents, _mask_arg(mask, parents), scratch, ids, scores, P, D, N, T, fanout, t,
+    _launch(descend_kernel, (B,), cpu,
+        probes, keys, parents, _mask_arg(mask, parents), scratch, ids, scores, P, D, N, T, fanout, width, t,
         HAS_MASK=mask is not None, LSE=reduce == "lse", F64=acc == torch.float64,
-        R=R, LOGR=logr, BS=block_s, PB=64, BLOCK_P=block_p, BLOCK_D=block_d)
+        R=R, LOGR=logr, BS=block_s, RANK=rank, PB=64, BLOCK_P=block_p, BLOCK_D=block_d)
     return ids, scores
 
 
@@ -220,22 +250,24 @@ def descend_tree(probes: list, keys: list, fanout: int, t: list, reduce: str, ma
     keys = [k.contiguous() for k in keys]
     masks = [None if m is None else m.contiguous() for m in masks]
     B, device, cpu = probes[0].shape[0], keys[0].device, _on_cpu(keys[0])
-    outputs, ids, scores, blocks, f64 = [], [], [], [], []
+    outputs, ids, scores, blocks, f64, widths = [], [], [], [], [], []
     for level, (p, k, t_level) in enumerate(zip(probes, keys, ts)):
         acc = compute_dtype(p, k)
         f64.append(acc == torch.float64)
         ids.append(empty((B, t_level), torch.int64, device))
         scores.append(empty((B, t_level), acc, device))
         outputs += [ids[-1], scores[-1]]
-        blocks.append(_select_blocks(t_level, p.shape[1], p.shape[2], cpu))
+        widths.append(min(fanout, k.shape[0]))
+        num_slots = k.shape[0] if level == 0 else ts[level - 1] * widths[-1]
+        blocks.append(_select_blocks(t_level, p.shape[1], p.shape[2], num_slots, cpu))
     if B == 0:
         return outputs
-    descend_tree_kernel[(B,)](
+    _launch(descend_tree_kernel, (B,), cpu,
         tuple(probes), tuple(keys), tuple(_mask_arg(m, k) for m, k in zip(masks, keys)),
         tuple(ids), tuple(scores),
         tuple(p.shape[1] for p in probes), tuple(p.shape[2] for p in probes),
-        tuple(k.shape[0] for k in keys), tuple(ts), fanout,
+        tuple(k.shape[0] for k in keys), tuple(widths), tuple(ts), fanout,
         L=len(keys), HAS_MASK=tuple(m is not None for m in masks), F64=tuple(f64), LSE=reduce == "lse",
         R=tuple(b[0] for b in blocks), LOGR=tuple(b[1] for b in blocks), BS=tuple(b[2] for b in blocks),
-        BLOCK_P=tuple(b[3] for b in blocks), BLOCK_D=tuple(b[4] for b in blocks))
+        RANK=tuple(b[3] for b in blocks), BLOCK_P=tuple(b[4] for b in blocks), BLOCK_D=tuple(b[5] for b in blocks))
     return outputs
