@@ -151,12 +151,9 @@ std::tuple<at::Tensor, at::Tensor> score_children_backward(const at::Tensor& gra
           for (int64_t s = 0; s < num_slots; ++s) {
             const int64_t child = id_data[b * num_slots + s];
             if (child < 0) continue;
-            acc_t* out = grad_key_data + child * dim;
-            for (int64_t p = 0; p < num_probes; ++p) {
-              const acc_t c = coef_data[(b * num_slots + s) * num_probes + p];
-              if (c == acc_t(0)) continue;
-              axpy(out + col_begin, c, probe_data + (b * num_probes + p) * dim + col_begin, col_end - col_begin);
-            }
+            // grad_keys[child] += sum_p coef[b, s, p] * probes[b, p], one pass over the row.
+            axpy_rows(grad_key_data + child * dim + col_begin, coef_data + (b * num_slots + s) * num_probes,
+                      probe_data + b * num_probes * dim + col_begin, num_probes, col_end - col_begin, dim);
           }
         }
       });

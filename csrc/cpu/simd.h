@@ -146,23 +146,26 @@ inline void multi_dot<float, c10::BFloat16>(const float* rows, int64_t n, int64_
 }
 #endif
 
-// acc[d] += sum_r weights[r] * x[r * dim + d] over num_rows consecutive rows of x: each
-// accumulator vector is loaded and stored once per call, not once per row.
+// acc[d] += sum_r weights[r] * x[r * stride + d] for d < dim, over num_rows rows of x that are
+// `stride` elements apart (default: consecutive rows): each accumulator vector is loaded and
+// stored once per call, not once per row.
 template <typename acc_t, typename x_t>
-inline void axpy_rows(acc_t* acc, const acc_t* weights, const x_t* x, int64_t num_rows, int64_t dim) {
+inline void axpy_rows(acc_t* acc, const acc_t* weights, const x_t* x, int64_t num_rows, int64_t dim,
+                      int64_t stride = -1) {
+  if (stride < 0) stride = dim;
   int64_t d = 0;
 #if MLLM_SIMD_WIDTH
   if constexpr (std::is_same_v<acc_t, float> && !std::is_same_v<x_t, double>) {
     for (; d + MLLM_SIMD_WIDTH <= dim; d += MLLM_SIMD_WIDTH) {
       vfloat sum = vload(acc + d);
-      for (int64_t r = 0; r < num_rows; ++r) sum = vfma(vset1(weights[r]), vload(x + r * dim + d), sum);
+      for (int64_t r = 0; r < num_rows; ++r) sum = vfma(vset1(weights[r]), vload(x + r * stride + d), sum);
       vstore(acc + d, sum);
     }
   }
 #endif
   for (; d < dim; ++d) {
     acc_t sum = acc[d];
-    for (int64_t r = 0; r < num_rows; ++r) sum += weights[r] * static_cast<acc_t>(x[r * dim + d]);
+    for (int64_t r = 0; r < num_rows; ++r) sum += weights[r] * static_cast<acc_t>(x[r * stride + d]);
     acc[d] = sum;
   }
 }
