@@ -75,7 +75,7 @@ def probe_scores(probe_row, P, D, keys_ptr, child, valid, LSE: tl.constexpr,
         kr = tl.load(keys_ptr + row[:, None] + offs_d[None, :],
                      mask=valid[:, None] & dmask[None, :], other=0.0).to(ACC)
         dots += tl.reduce(pr[:, None, :] * kr[None, :, :], 2, SUM)
-    isnan = dots != dots
+    isnan = dots != dots  # noqa: PLR0124 (NaN test)
     real = pmask[:, None]
     d = tl.where(real & ~isnan, dots, float("-inf"))
     m = tl.reduce(d, 0, MAX)
@@ -121,7 +121,7 @@ def push_top(run_k, run_v, score, child, valid, F64: tl.constexpr, R: tl.constex
     one-hot reductions; a constant number of operations (good for small R and the interpreter).
     Otherwise: bitonic merge (R >= BS), :func:`merge_top`.
     """
-    valid = valid & (score == score)
+    valid = valid & (score == score)  # noqa: PLR0124 (drop NaN)
     s = tl.where(score == 0, 0.0, score)
     if F64:
         bits = s.to(tl.int64, bitcast=True)

@@ -10,8 +10,6 @@ interpreter pays per operation, not per element), register-friendly tiles on a G
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 
@@ -28,10 +26,10 @@ __all__ = [
     "chunk_offsets",
     "cls_pool",
     "cls_pool_backward",
-    "score_children",
-    "score_children_backward",
     "descend",
     "descend_tree",
+    "score_children",
+    "score_children_backward",
 ]
 
 
@@ -105,7 +103,7 @@ def _cls_blocks(H: int, D: int, cpu: bool):
 def cls_pool(x: torch.Tensor, q: torch.Tensor, chunk_offsets: torch.Tensor, scale: float):
     _validate.check_cls_pool(x, q, chunk_offsets, scale)
     x, q, offsets = x.contiguous(), q.contiguous(), chunk_offsets.contiguous()
-    (N, D), H, C = x.shape, q.shape[0], offsets.numel() - 1
+    D, H, C = x.shape[1], q.shape[0], offsets.numel() - 1
     acc = compute_dtype(x, q)
     pooled = empty((C, H, D), x.dtype, x.device)
     lse = empty((C, H), acc, x.device)
@@ -114,12 +112,13 @@ def cls_pool(x: torch.Tensor, q: torch.Tensor, chunk_offsets: torch.Tensor, scal
     cpu = _on_cpu(x)
     block_h, block_n, block_d = _cls_blocks(H, D, cpu)
     scale_f, scale_t = _scale_args(scale, acc, x.device)
-    _launch(cls_pool_fwd_kernel, (C, triton.cdiv(H, block_h)), cpu, x, q, offsets, pooled, lse, scale_f, scale_t, H, D,
-                              F64=acc == torch.float64, BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d)
+    _launch(cls_pool_fwd_kernel, (C, triton.cdiv(H, block_h)), cpu,
+            x, q, offsets, pooled, lse, scale_f, scale_t, H, D,
+            F64=acc == torch.float64, BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d)
     return pooled, lse
 
 
-def cls_pool_backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], x: torch.Tensor,
+def cls_pool_backward(grad_out: torch.Tensor, grad_lse: torch.Tensor | None, x: torch.Tensor,
                       q: torch.Tensor, chunk_offsets: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                       scale: float):
     x, q, offsets = x.contiguous(), q.contiguous(), chunk_offsets.contiguous()
@@ -141,18 +140,18 @@ def cls_pool_backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], 
     block_n = 32 if cpu else 16
     block_d = min(next_pow2(D), 512 if cpu else max(1, 4096 // (block_h * block_n)))
     ds = torch.empty((num_rows, H), dtype=acc, device=x.device)
-    _launch(cls_pool_bwd_x_kernel, (C,), cpu, grad_out, grad_lse if grad_lse is not None else lse, x, q, offsets, out, lse,
-                                grad_x, ds, scale_f, scale_t, H, D,
-                                HAS_GRAD_LSE=grad_lse is not None, F64=acc == torch.float64,
-                                BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d)
+    _launch(cls_pool_bwd_x_kernel, (C,), cpu,
+            grad_out, grad_lse if grad_lse is not None else lse, x, q, offsets, out, lse, grad_x, ds,
+            scale_f, scale_t, H, D, HAS_GRAD_LSE=grad_lse is not None, F64=acc == torch.float64,
+            BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d)
     rows_per_split = num_rows if cpu else max(1024, triton.cdiv(num_rows, 64))
     splits = triton.cdiv(num_rows, rows_per_split)
     block_dq = min(next_pow2(D), 512 if cpu else 64)
     direct = splits == 1 and q.dtype == acc
     grad_q = empty((H, D), q.dtype, q.device) if direct else torch.empty((splits, H, D), dtype=acc, device=q.device)
     _launch(cls_pool_bwd_q_kernel, (triton.cdiv(D, block_dq), splits), cpu,
-        ds, x, grad_q, first, num_rows, rows_per_split, scale_f, scale_t, H, D,
-        F64=acc == torch.float64, BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_dq)
+            ds, x, grad_q, first, num_rows, rows_per_split, scale_f, scale_t, H, D,
+            F64=acc == torch.float64, BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_dq)
     if not direct:
         grad_q = grad_q.sum(0).to(q.dtype)
     return grad_x, grad_q
@@ -161,12 +160,12 @@ def cls_pool_backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], 
 # --------------------------------------------------------------------------- score_children
 
 
-def _mask_arg(mask: Optional[torch.Tensor], fallback: torch.Tensor) -> torch.Tensor:
+def _mask_arg(mask: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
     return fallback if mask is None else mask.contiguous()
 
 
 def score_children(probes: torch.Tensor, keys: torch.Tensor, parents: torch.Tensor, fanout: int,
-                   reduce: str, mask: Optional[torch.Tensor]):
+                   reduce: str, mask: torch.Tensor | None):
     _validate.check_children("score_children", probes, keys, parents, fanout, reduce, mask)
     probes, keys, parents = probes.contiguous(), keys.contiguous(), parents.contiguous()
     (B, P, D), N, T = probes.shape, keys.shape[0], parents.shape[1]
@@ -179,9 +178,9 @@ def score_children(probes: torch.Tensor, keys: torch.Tensor, parents: torch.Tens
     cpu = _on_cpu(probes)
     block_p, block_s, block_d = _score_blocks(P, D, S, cpu)
     _launch(score_children_kernel, (B, min(triton.cdiv(S, block_s), 65535)), cpu,
-        probes, keys, parents, _mask_arg(mask, parents), scores, ids, P, D, N, T, fanout,
-        HAS_MASK=mask is not None, LSE=reduce == "lse", F64=acc == torch.float64,
-        BS=block_s, BLOCK_P=block_p, BLOCK_D=block_d)
+            probes, keys, parents, _mask_arg(mask, parents), scores, ids, P, D, N, T, fanout,
+            HAS_MASK=mask is not None, LSE=reduce == "lse", F64=acc == torch.float64,
+            BS=block_s, BLOCK_P=block_p, BLOCK_D=block_d)
     return scores, ids
 
 
@@ -197,8 +196,8 @@ def score_children_backward(grad_scores: torch.Tensor, probes: torch.Tensor, key
         cpu = _on_cpu(probes)
         block_p, block_s, block_d = _score_blocks(P, D, S, cpu)
         _launch(score_children_backward_kernel, (B,), cpu,
-            grad_scores, probes, keys, child_ids, grad_probes, grad_keys, P, D, S,
-            LSE=reduce == "lse", F64=acc == torch.float64, BS=block_s, BLOCK_P=block_p, BLOCK_D=block_d)
+                grad_scores, probes, keys, child_ids, grad_probes, grad_keys, P, D, S,
+                LSE=reduce == "lse", F64=acc == torch.float64, BS=block_s, BLOCK_P=block_p, BLOCK_D=block_d)
     return grad_probes.to(probes.dtype), grad_keys.to(keys.dtype)
 
 
@@ -224,7 +223,7 @@ def _select_blocks(t: int, P: int, D: int, S: int, cpu: bool):
 
 
 def descend(probes: torch.Tensor, keys: torch.Tensor, parents: torch.Tensor, fanout: int, t: int,
-            reduce: str, mask: Optional[torch.Tensor]):
+            reduce: str, mask: torch.Tensor | None):
     _validate.check_descend(probes, keys, parents, fanout, t, reduce, mask)
     probes, keys, parents = probes.contiguous(), keys.contiguous(), parents.contiguous()
     (B, P, D), N, T = probes.shape, keys.shape[0], parents.shape[1]
@@ -238,9 +237,9 @@ def descend(probes: torch.Tensor, keys: torch.Tensor, parents: torch.Tensor, fan
     R, logr, block_s, rank, block_p, block_d = _select_blocks(t, P, D, T * width, cpu)
     scratch = torch.empty((B, T), dtype=torch.int64, device=probes.device)
     _launch(descend_kernel, (B,), cpu,
-        probes, keys, parents, _mask_arg(mask, parents), scratch, ids, scores, P, D, N, T, fanout, width, t,
-        HAS_MASK=mask is not None, LSE=reduce == "lse", F64=acc == torch.float64,
-        R=R, LOGR=logr, BS=block_s, RANK=rank, PB=64, BLOCK_P=block_p, BLOCK_D=block_d)
+            probes, keys, parents, _mask_arg(mask, parents), scratch, ids, scores, P, D, N, T, fanout, width, t,
+            HAS_MASK=mask is not None, LSE=reduce == "lse", F64=acc == torch.float64,
+            R=R, LOGR=logr, BS=block_s, RANK=rank, PB=64, BLOCK_P=block_p, BLOCK_D=block_d)
     return ids, scores
 
 
@@ -263,11 +262,11 @@ def descend_tree(probes: list, keys: list, fanout: int, t: list, reduce: str, ma
     if B == 0:
         return outputs
     _launch(descend_tree_kernel, (B,), cpu,
-        tuple(probes), tuple(keys), tuple(_mask_arg(m, k) for m, k in zip(masks, keys)),
-        tuple(ids), tuple(scores),
-        tuple(p.shape[1] for p in probes), tuple(p.shape[2] for p in probes),
-        tuple(k.shape[0] for k in keys), tuple(widths), tuple(ts), fanout,
-        L=len(keys), HAS_MASK=tuple(m is not None for m in masks), F64=tuple(f64), LSE=reduce == "lse",
-        R=tuple(b[0] for b in blocks), LOGR=tuple(b[1] for b in blocks), BS=tuple(b[2] for b in blocks),
-        RANK=tuple(b[3] for b in blocks), BLOCK_P=tuple(b[4] for b in blocks), BLOCK_D=tuple(b[5] for b in blocks))
+            tuple(probes), tuple(keys), tuple(_mask_arg(m, k) for m, k in zip(masks, keys)),
+            tuple(ids), tuple(scores),
+            tuple(p.shape[1] for p in probes), tuple(p.shape[2] for p in probes),
+            tuple(k.shape[0] for k in keys), tuple(widths), tuple(ts), fanout,
+            L=len(keys), HAS_MASK=tuple(m is not None for m in masks), F64=tuple(f64), LSE=reduce == "lse",
+            R=tuple(b[0] for b in blocks), LOGR=tuple(b[1] for b in blocks), BS=tuple(b[2] for b in blocks),
+            RANK=tuple(b[3] for b in blocks), BLOCK_P=tuple(b[4] for b in blocks), BLOCK_D=tuple(b[5] for b in blocks))
     return outputs

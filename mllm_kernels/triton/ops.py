@@ -7,8 +7,6 @@ Same schemas as ``mllm_kernels::*``; fake kernels and autograd are the shared on
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from .. import _autograd, _fake
@@ -29,7 +27,7 @@ def cls_pool(x: torch.Tensor, q: torch.Tensor, chunk_offsets: torch.Tensor,
 
 
 @torch.library.custom_op(f"{NAMESPACE}::cls_pool_backward", mutates_args=())
-def cls_pool_backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], x: torch.Tensor,
+def cls_pool_backward(grad_out: torch.Tensor, grad_lse: torch.Tensor | None, x: torch.Tensor,
                       q: torch.Tensor, chunk_offsets: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     return launchers.cls_pool_backward(grad_out, grad_lse, x, q, chunk_offsets, out, lse, scale)
@@ -37,7 +35,7 @@ def cls_pool_backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], 
 
 @torch.library.custom_op(f"{NAMESPACE}::score_children", mutates_args=())
 def score_children(probes: torch.Tensor, keys: torch.Tensor, parents: torch.Tensor, fanout: int,
-                   reduce: str, mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                   reduce: str, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     return launchers.score_children(probes, keys, parents, fanout, reduce, mask)
 
 
@@ -49,13 +47,13 @@ def score_children_backward(grad_scores: torch.Tensor, probes: torch.Tensor, key
 
 @torch.library.custom_op(f"{NAMESPACE}::descend", mutates_args=())
 def descend(probes: torch.Tensor, keys: torch.Tensor, parents: torch.Tensor, fanout: int, t: int,
-            reduce: str, mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+            reduce: str, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     return launchers.descend(probes, keys, parents, fanout, t, reduce, mask)
 
 
 @torch.library.custom_op(f"{NAMESPACE}::descend_tree", mutates_args=())
 def descend_tree(probes: list[torch.Tensor], keys: list[torch.Tensor], fanout: int, t: list[int],
-                 reduce: str, masks: list[Optional[torch.Tensor]]) -> list[torch.Tensor]:
+                 reduce: str, masks: list[torch.Tensor | None]) -> list[torch.Tensor]:
     return launchers.descend_tree(probes, keys, fanout, t, reduce, masks)
 
 
