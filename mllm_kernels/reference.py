@@ -203,6 +203,12 @@ def descend_tree(probes, keys, fanout, t, reduce="max", masks=None):
     ts = [t] * levels if isinstance(t, int) else list(t)
     masks = [None] * levels if masks is None else list(masks)
     B = probes[0].shape[0]
+    if B == 0:  # no query: empty [0, t_k] outputs, whatever the slot counts would be
+        return [
+            (torch.empty(0, ts[level], dtype=torch.int64, device=keys[level].device),
+             torch.empty(0, ts[level], dtype=compute_dtype(probes[level], keys[level]), device=keys[level].device))
+            for level in range(levels)
+        ]
     results = []
     for level in range(levels):
         if level == 0:

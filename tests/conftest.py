@@ -12,20 +12,20 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"
 os.environ["MLLM_POISON_OUTPUTS"] = "1"
 
-import faulthandler  # noqa: E402
-import importlib.util  # noqa: E402
-import sys  # noqa: E402
-import zlib  # noqa: E402
-from pathlib import Path  # noqa: E402
+import faulthandler
+import importlib.util
+import sys
+import zlib
+from pathlib import Path
 
-import pytest  # noqa: E402
+import pytest
 
 if importlib.util.find_spec("mllm_kernels") is None:
     # Not installed: test the checkout (the compiled _C must have been built in place).
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from hypothesis import HealthCheck, settings  # noqa: E402
+import torch
+from hypothesis import HealthCheck, settings
 
 settings.register_profile(
     "mllm",
@@ -42,6 +42,11 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "mllm"))
 TEST_TIMEOUT_S = float(os.environ.get("MLLM_TEST_TIMEOUT_S", "600"))
 
 
+def pytest_configure(config):
+    # Raised inside torch.compile's own machinery, not by this project.
+    config.addinivalue_line("filterwarnings", "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+
+
 @pytest.fixture(autouse=True)
 def _watchdog():
     faulthandler.dump_traceback_later(TEST_TIMEOUT_S, exit=True)
@@ -52,7 +57,6 @@ def _watchdog():
 @pytest.fixture(autouse=True, scope="session")
 def _check_environment():
     import mllm_kernels  # noqa: F401  (fails with a readable message when _C is missing)
-
     from mllm_kernels import _alloc
 
     assert _alloc.POISON, "MLLM_POISON_OUTPUTS must be set before mllm_kernels is imported"

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from testing_utils import ALL_BACKENDS, BACKENDS, make_offsets, strided
 
 import mllm_kernels as mk
-from testing_utils import ALL_BACKENDS, BACKENDS, make_offsets, strided
 
 INT64_MAX = 2**63 - 1
 

@@ -2,9 +2,6 @@
 
 import pytest
 import torch
-
-import mllm_kernels as mk
-from mllm_kernels import reference
 from testing_utils import (
     BACKENDS,
     F16,
@@ -22,6 +19,9 @@ from testing_utils import (
     transposed,
 )
 
+import mllm_kernels as mk
+from mllm_kernels import reference
+
 # (name, chunk lengths, rows before the first chunk, rows after the last chunk)
 LAYOUTS = {
     "ragged_empty": ([3, 0, 1, 7, 0, 12], 2, 3),
@@ -31,7 +31,7 @@ LAYOUTS = {
     "first_empty": ([0, 5, 1], 0, 0),
     "many_small": ([1, 2, 3, 4, 5, 6, 7, 8, 9, 10] * 3, 0, 0),
 }
-TRITON_LAYOUTS = ["ragged_empty", "no_chunks", "first_empty"]
+TRITON_LAYOUTS = ["ragged_empty", "no_chunks", "first_empty", "one_long"]
 
 
 def make_inputs(layout, D, H, dtype, gen, x_scale=1.0):
@@ -71,7 +71,7 @@ def _value_params():
                             params.append(param(backend, dtype, layout, D, H))
             else:
                 for layout in TRITON_LAYOUTS:
-                    for D, H in ((5, 1), (33, 2)) if dtype == F32 else ((33, 2),):
+                    for D, H in ((5, 1), (33, 2), (100, 1), (384, 2)) if dtype == F32 else ((33, 2),):
                         params.append(param(backend, dtype, layout, D, H))
     return params
 
@@ -168,14 +168,14 @@ GRAD_CASES = {
 def test_grad_float32_vs_reference(backend, layout, D, H, gen):
     x, q, offsets = make_inputs(layout, D, H, F32, gen)
     grad_out = randn((offsets.numel() - 1, H, D), F32, gen)
-    out, gx, gq = _grads(lambda x, q: mk.cls_pool(x, q, offsets, backend=backend), x, q, grad_out)
+    _out, gx, gq = _grads(lambda x, q: mk.cls_pool(x, q, offsets, backend=backend), x, q, grad_out)
     _, rgx, rgq = _grads(lambda x, q: reference.cls_pool(x, q, offsets), x, q, grad_out)
     assert_no_poison(gx, "grad x")
     assert_no_poison(gq, "grad q")
     torch.testing.assert_close(gx, rgx, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(gq, rgq, atol=1e-5, rtol=1e-4)
     # Rows outside every chunk get no gradient.
-    lengths, before, after = LAYOUTS[layout]
+    _lengths, before, after = LAYOUTS[layout]
     assert torch.equal(gx[:before], torch.zeros_like(gx[:before]))
     if after:
         assert torch.equal(gx[-after:], torch.zeros_like(gx[-after:]))
@@ -208,3 +208,20 @@ def test_grad_one_input(backend, gen):
     xr = x.clone().requires_grad_()
     reference.cls_pool(xr, q, offsets).sum().backward()
     torch.testing.assert_close(xg.grad, xr.grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("grad_layout", ["expanded", "permuted"])
+def test_grad_non_contiguous_upstream(backend, grad_layout, gen):
+    """The upstream gradient may be an expanded (stride 0) or permuted view."""
+    x, q, offsets = make_inputs("ragged_empty", 6, 2, F32, gen)
+    C = offsets.numel() - 1
+    if grad_layout == "expanded":
+        grad_out = torch.ones(1, 1, 1).expand(C, 2, 6)
+    else:
+        grad_out = randn((6, C, 2), F32, gen).permute(1, 2, 0)
+    assert not grad_out.is_contiguous()
+    _, gx, gq = _grads(lambda x, q: mk.cls_pool(x, q, offsets, backend=backend), x, q, grad_out)
+    _, rgx, rgq = _grads(lambda x, q: reference.cls_pool(x, q, offsets), x, q, grad_out.contiguous())
+    torch.testing.assert_close(gx, rgx, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(gq, rgq, atol=1e-5, rtol=1e-4)

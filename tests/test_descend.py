@@ -2,9 +2,6 @@
 
 import pytest
 import torch
-
-import mllm_kernels as mk
-from mllm_kernels import reference
 from testing_utils import (
     BACKENDS,
     BF16,
@@ -23,6 +20,9 @@ from testing_utils import (
     transposed,
 )
 
+import mllm_kernels as mk
+from mllm_kernels import reference
+
 REDUCES = ["max", "lse"]
 
 # (B, P, D, N, fanout, T, t)
@@ -38,7 +38,15 @@ CPU_SHAPES = [
     (3, 2, 12, 500, 64, 8, 1),
     (5, 2, 24, 4096, 64, 64, 50),  # thousands of candidates per row
 ]
-TRITON_SHAPES = [(2, 3, 5, 20, 3, 4, 5), (2, 2, 33, 17, 7, 3, 25), (1, 1, 1, 3, 1, 2, 1), (2, 2, 8, 130, 16, 8, 12)]
+TRITON_SHAPES = [
+    (2, 3, 5, 20, 3, 4, 5),
+    (2, 2, 33, 17, 7, 3, 25),
+    (1, 1, 1, 3, 1, 2, 1),
+    (2, 2, 8, 130, 16, 8, 12),
+    (2, 3, 100, 130, 64, 3, 20),
+    (1, 5, 384, 29, 3, 6, 4),
+    (1, 2, 16, 300, 64, 4, 70),
+]
 
 
 def check(backend, probes, keys, parents, fanout, t, reduce="max", mask=None):
@@ -85,7 +93,7 @@ def test_mixed_dtypes(backend, keys_dtype, gen):
     probes = make_probes(2, 3, 33, F32, gen)
     keys = make_keys(40, 33, keys_dtype, gen)
     parents = make_parents(2, 4, num_parents(40, 7), gen)
-    ids, scores = check(backend, probes, keys, parents, 7, 6, "lse")
+    _ids, scores = check(backend, probes, keys, parents, 7, 6, "lse")
     assert scores.dtype == F32
 
 
@@ -96,7 +104,7 @@ def test_duplicated_parents_count_once(backend, reduce, gen):
     probes = make_probes(3, 2, 6, F32, gen)
     keys = make_keys(N, 6, F32, gen)
     parents = torch.tensor([[1, 1, 1], [2, -1, 2], [3, 0, 3]])
-    ids, scores = check(backend, probes, keys, parents, fanout, 8, reduce)
+    ids, _scores = check(backend, probes, keys, parents, fanout, 8, reduce)
     assert (ids[0, 3:] == -1).all() and sorted(ids[0, :3].tolist()) == [3, 4, 5]
     assert (ids[1] >= 0).sum() == 3 and (ids[2] >= 0).sum() == 6
 
@@ -203,7 +211,9 @@ def test_matches_own_score_children(backend, reduce, gen):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("which", ["probes_transposed", "keys_transposed", "keys_strided", "parents_strided", "mask_strided"])
+@pytest.mark.parametrize(
+    "which", ["probes_transposed", "keys_transposed", "keys_strided", "parents_strided", "mask_strided"]
+)
 def test_non_contiguous(backend, which, gen):
     N, fanout = 25, 4
     args = {
@@ -219,5 +229,37 @@ def test_non_contiguous(backend, which, gen):
     ids, scores = mk.descend(
         call["probes"], call["keys"], call["parents"], fanout, 5, "max", call["mask"], backend=backend
     )
-    ref_ids, ref_scores = reference.descend(args["probes"], args["keys"], args["parents"], fanout, 5, "max", args["mask"])
+    ref_ids, ref_scores = reference.descend(
+        args["probes"], args["keys"], args["parents"], fanout, 5, "max", args["mask"]
+    )
     assert_topk_equal(ids, scores, ref_ids, ref_scores)
+
+
+@pytest.mark.parametrize("op", ["descend", "descend_tree"])
+def test_same_result_for_any_thread_count(op, gen):
+    """The C++ kernels split work across threads; the result must not depend on how."""
+    B, N, fanout = 33, 2000, 16
+    probes = make_probes(B, 3, 24, F32, gen)
+    keys = make_keys(N, 24, F32, gen)
+    parents = make_parents(B, 12, num_parents(N, fanout), gen)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            if op == "descend":
+                results.append(mk.descend(probes, keys, parents, fanout, 20, "lse", backend="cpu"))
+            else:
+                sizes = [num_parents(num_parents(N, fanout), fanout), num_parents(N, fanout), N]
+                level_keys = [
+                    make_keys(sizes[0], 24, F32, torch.Generator().manual_seed(1)),
+                    make_keys(sizes[1], 24, F32, torch.Generator().manual_seed(2)),
+                    keys,
+                ]
+                out = mk.descend_tree([probes] * 3, level_keys, fanout, [4, 9, 20], "lse", backend="cpu")
+                results.append(tuple(x for level in out for x in level))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)

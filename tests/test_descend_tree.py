@@ -4,10 +4,8 @@ import random
 
 import pytest
 import torch
-
-import mllm_kernels as mk
-from mllm_kernels import reference
 from testing_utils import (
+    ALL_BACKENDS,
     BACKENDS,
     BF16,
     F16,
@@ -19,7 +17,12 @@ from testing_utils import (
     make_probes,
     param,
     score_tol,
+    strided,
+    transposed,
 )
+
+import mllm_kernels as mk
+from mllm_kernels import reference
 
 REDUCES = ["max", "lse"]
 
@@ -73,9 +76,12 @@ def check_tree(backend, probes, keys, fanout, t, reduce, masks):
     return out
 
 
-CPU_TREES = [(seed, levels, fanout) for seed, (levels, fanout) in enumerate(
-    [(1, 3), (2, 3), (3, 3), (4, 3), (2, 7), (3, 7), (4, 5), (2, 64), (3, 16), (4, 2), (3, 1), (4, 1)]
-)]
+CPU_TREES = [
+    (seed, levels, fanout)
+    for seed, (levels, fanout) in enumerate(
+        [(1, 3), (2, 3), (3, 3), (4, 3), (2, 7), (3, 7), (4, 5), (2, 64), (3, 16), (4, 2), (3, 1), (4, 1)]
+    )
+]
 TRITON_TREES = [(100, 2, 3), (101, 3, 3), (102, 3, 1)]
 
 
@@ -155,7 +161,7 @@ def test_masked_parent_hides_subtree(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_int_t_equals_list_t(backend):
-    probes, keys, _, masks = make_tree(21, 3, 4, dims=(7,))
+    probes, keys, _, _masks = make_tree(21, 3, 4, dims=(7,))
     as_int = mk.descend_tree(probes, keys, 4, 5, backend=backend)
     as_list = mk.descend_tree(probes, keys, 4, [5, 5, 5], backend=backend)
     for (a_ids, a_scores), (b_ids, b_scores) in zip(as_int, as_list):
@@ -192,3 +198,28 @@ def test_ties_exact(backend):
     again = mk.descend_tree(probes, keys, fanout, [2, 4, 5], "max", backend=backend)
     for (a, b), (c, d) in zip(out, again):
         assert torch.equal(a, c) and torch.equal(b, d)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_empty_batch_with_huge_t(backend):
+    """B = 0: outputs [0, t] hold no element, whatever t is (nothing may be sized by T * fanout)."""
+    probes = [torch.randn(0, 1, 5), torch.randn(0, 2, 5)]
+    keys = [torch.randn(4, 5), torch.randn(18, 5)]
+    out = mk.descend_tree(probes, keys, 5, 2**62, backend=backend)
+    assert [tuple(ids.shape) for ids, _ in out] == [(0, 2**62)] * 2
+    assert [tuple(scores.shape) for _, scores in out] == [(0, 2**62)] * 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_levels(backend):
+    probes, keys, t, masks = make_tree(31, 3, 4, masked=True, dims=(6,))
+    masks = [m if m is not None else torch.ones(k.shape[0], dtype=torch.bool) for m, k in zip(masks, keys)]
+    views_probes = [strided(p) for p in probes]
+    views_keys = [transposed(k) for k in keys]
+    views_masks = [strided(m) for m in masks]
+    out = mk.descend_tree(views_probes, views_keys, 4, t, "lse", views_masks, backend=backend)
+    expected = mk.descend_tree(probes, keys, 4, t, "lse", masks, backend=backend)
+    for (ids, scores), (e_ids, e_scores) in zip(out, expected):
+        assert torch.equal(ids, e_ids)
+        torch.testing.assert_close(scores, e_scores, atol=1e-6, rtol=1e-6)
+    check_tree(backend, views_probes, views_keys, 4, t, "lse", views_masks)

@@ -6,9 +6,9 @@ range. Each case starts from valid inputs and breaks one thing.
 
 import pytest
 import torch
+from testing_utils import ALL_BACKENDS
 
 import mllm_kernels as mk
-from testing_utils import ALL_BACKENDS
 
 I64 = torch.int64
 
@@ -16,26 +16,30 @@ I64 = torch.int64
 def _base(op):
     g = torch.Generator().manual_seed(0)
     if op == "chunk_offsets":
-        return dict(seg_offsets=torch.tensor([0, 5, 5, 7]), chunk_size=2)
+        return {"seg_offsets": torch.tensor([0, 5, 5, 7]), "chunk_size": 2}
     if op == "cls_pool":
-        return dict(x=torch.randn(10, 6, generator=g), q=torch.randn(2, 6, generator=g), chunk_offsets=torch.tensor([0, 3, 3, 10]))
+        return {
+            "x": torch.randn(10, 6, generator=g),
+            "q": torch.randn(2, 6, generator=g),
+            "chunk_offsets": torch.tensor([0, 3, 3, 10]),
+        }
     if op in ("score_children", "descend"):
-        args = dict(
-            probes=torch.randn(2, 3, 6, generator=g),
-            keys=torch.randn(20, 6, generator=g),
-            parents=torch.tensor([[0, 6], [2, -1]]),  # ceil(20 / 3) = 7 parents: ids 0..6
-            fanout=3,
-        )
+        args = {
+            "probes": torch.randn(2, 3, 6, generator=g),
+            "keys": torch.randn(20, 6, generator=g),
+            "parents": torch.tensor([[0, 6], [2, -1]]),  # ceil(20 / 3) = 7 parents: ids 0..6
+            "fanout": 3,
+        }
         if op == "descend":
             args["t"] = 4
         return args
     assert op == "descend_tree"
-    return dict(
-        probes=[torch.randn(2, 2, 6, generator=g), torch.randn(2, 1, 5, generator=g)],
-        keys=[torch.randn(3, 6, generator=g), torch.randn(8, 5, generator=g)],
-        fanout=3,
-        t=2,
-    )
+    return {
+        "probes": [torch.randn(2, 2, 6, generator=g), torch.randn(2, 1, 5, generator=g)],
+        "keys": [torch.randn(3, 6, generator=g), torch.randn(8, 5, generator=g)],
+        "fanout": 3,
+        "t": 2,
+    }
 
 
 def _call(op, args, backend):
@@ -46,7 +50,13 @@ def _call(op, args, backend):
 CASES = [
     # chunk_offsets
     ("chunk_offsets", "float_offsets", {"seg_offsets": torch.tensor([0.0, 5.0])}, TypeError, "seg_offsets"),
-    ("chunk_offsets", "int32_offsets", {"seg_offsets": torch.tensor([0, 5], dtype=torch.int32)}, TypeError, "seg_offsets"),
+    (
+        "chunk_offsets",
+        "int32_offsets",
+        {"seg_offsets": torch.tensor([0, 5], dtype=torch.int32)},
+        TypeError,
+        "seg_offsets",
+    ),
     ("chunk_offsets", "2d_offsets", {"seg_offsets": torch.tensor([[0, 5]])}, ValueError, "seg_offsets"),
     ("chunk_offsets", "0d_offsets", {"seg_offsets": torch.tensor(3)}, ValueError, "seg_offsets"),
     ("chunk_offsets", "no_offsets", {"seg_offsets": torch.zeros(0, dtype=I64)}, ValueError, "seg_offsets"),
@@ -59,7 +69,13 @@ CASES = [
     ("cls_pool", "bool_x", {"x": torch.ones(10, 6, dtype=torch.bool)}, TypeError, r"\bx\b"),
     ("cls_pool", "int_q", {"q": torch.ones(2, 6, dtype=torch.int32)}, TypeError, r"\bq\b"),
     ("cls_pool", "float_offsets", {"chunk_offsets": torch.tensor([0.0, 3.0])}, TypeError, "chunk_offsets"),
-    ("cls_pool", "int32_offsets", {"chunk_offsets": torch.tensor([0, 3], dtype=torch.int32)}, TypeError, "chunk_offsets"),
+    (
+        "cls_pool",
+        "int32_offsets",
+        {"chunk_offsets": torch.tensor([0, 3], dtype=torch.int32)},
+        TypeError,
+        "chunk_offsets",
+    ),
     ("cls_pool", "1d_x", {"x": torch.randn(10)}, ValueError, r"\bx\b"),
     ("cls_pool", "3d_x", {"x": torch.randn(1, 10, 6)}, ValueError, r"\bx\b"),
     ("cls_pool", "1d_q", {"q": torch.randn(6)}, ValueError, r"\bq\b"),
@@ -99,7 +115,12 @@ _CHILDREN = [
     ("parent_int64_max", {"parents": torch.tensor([[0, 2**63 - 1], [2, -1]])}, IndexError, "parents"),
     ("parent_minus_2", {"parents": torch.tensor([[0, -2], [2, -1]])}, IndexError, "parents"),
     ("parent_int64_min", {"parents": torch.tensor([[0, -(2**63)], [2, -1]])}, IndexError, "parents"),
-    ("parent_of_no_keys", {"keys": torch.randn(0, 6), "parents": torch.tensor([[0, -1], [-1, -1]])}, IndexError, "parents"),
+    (
+        "parent_of_no_keys",
+        {"keys": torch.randn(0, 6), "parents": torch.tensor([[0, -1], [-1, -1]])},
+        IndexError,
+        "parents",
+    ),
     ("fanout_0", {"fanout": 0}, ValueError, "fanout"),
     ("fanout_neg", {"fanout": -3}, ValueError, "fanout"),
     ("reduce_mean", {"reduce": "mean"}, ValueError, "reduce"),

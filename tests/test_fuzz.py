@@ -22,9 +22,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from testing_utils import BACKENDS, assert_scores_close, assert_topk_equal
 
 import mllm_kernels as mk
-from testing_utils import BACKENDS, assert_scores_close, assert_topk_equal
 
 ALLOWED = (TypeError, ValueError, IndexError, RuntimeError)
 VALIDATION = (TypeError, ValueError, IndexError)
@@ -36,7 +36,7 @@ ODD_DTYPES = [torch.int64, torch.int32, torch.bool, torch.uint8]
 
 # MLLM_FUZZ_SCALE=10 (with HYPOTHESIS_PROFILE=explore) for a longer hunt than CI's.
 _SCALE = float(os.environ.get("MLLM_FUZZ_SCALE", "1"))
-EXAMPLES = {name: max(1, int(n * _SCALE)) for name, n in {"cpu": 150, "triton": 30, "reference": 100}.items()}
+EXAMPLES = {name: max(1, int(n * _SCALE)) for name, n in {"cpu": 200, "triton": 60, "reference": 100}.items()}
 FUZZED = [*BACKENDS, "reference"]
 
 
@@ -293,7 +293,7 @@ def children_inputs(draw, backend, with_t):
     if d.chance(0.5):
         mask_dtype = torch.bool if not d.chance(0.05) else d.choice([torch.uint8, torch.float32])
         mask = values(d, maybe_bad_shape(d, (N,)), mask_dtype)
-    args = dict(probes=probes, keys=keys, parents=parents, fanout=fanout, reduce=bad_reduce(d), mask=mask)
+    args = {"probes": probes, "keys": keys, "parents": parents, "fanout": fanout, "reduce": bad_reduce(d), "mask": mask}
     if with_t:
         small = (1, 2, 5, 37) + ((10**6,) if backend == "cpu" and B <= 2 else ())
         args["t"] = pos_int(d, small=small)
@@ -376,7 +376,7 @@ def tree_inputs(draw, backend):
         masks = None
     elif d.chance(0.04):
         masks = masks[:-1]
-    return dict(probes=probes, keys=keys, fanout=fanout, t=t, reduce=bad_reduce(d), masks=masks)
+    return {"probes": probes, "keys": keys, "fanout": fanout, "t": t, "reduce": bad_reduce(d), "masks": masks}
 
 
 @pytest.mark.parametrize("backend", FUZZED)

@@ -2,9 +2,6 @@
 
 import pytest
 import torch
-
-import mllm_kernels as mk
-from mllm_kernels import reference
 from testing_utils import (
     BACKENDS,
     BF16,
@@ -26,6 +23,9 @@ from testing_utils import (
     transposed,
 )
 
+import mllm_kernels as mk
+from mllm_kernels import reference
+
 REDUCES = ["max", "lse"]
 
 # (B, P, D, N, fanout, T)
@@ -38,7 +38,13 @@ CPU_SHAPES = [
     (1, 8, 17, 200, 1, 9),
     (3, 2, 8, 10, 64, 2),  # one parent, fewer children than fanout
 ]
-TRITON_SHAPES = [(2, 3, 5, 20, 3, 4), (2, 2, 33, 17, 7, 3), (1, 1, 1, 3, 1, 2)]
+TRITON_SHAPES = [
+    (2, 3, 5, 20, 3, 4),
+    (2, 2, 33, 17, 7, 3),
+    (1, 1, 1, 3, 1, 2),
+    (2, 4, 100, 130, 64, 3),
+    (1, 2, 384, 29, 3, 6),
+]
 
 
 def check(backend, probes, keys, parents, fanout, reduce="max", mask=None, **call):
@@ -162,7 +168,9 @@ def test_lse_large_scores_are_stable(backend, gen):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("which", ["probes_transposed", "keys_transposed", "keys_strided", "parents_strided", "mask_strided"])
+@pytest.mark.parametrize(
+    "which", ["probes_transposed", "keys_transposed", "keys_strided", "parents_strided", "mask_strided"]
+)
 def test_non_contiguous(backend, which, gen):
     N, fanout = 25, 4
     args = {
@@ -217,9 +225,7 @@ def _grads(fn, probes, keys, grad):
 GRAD_SHAPES = {"cpu": [(3, 4, 33, 50, 7, 5), (2, 2, 100, 130, 64, 3)], "triton": [(2, 3, 5, 20, 3, 4)]}
 
 
-@pytest.mark.parametrize(
-    "backend, shape", [param(b, s) for b in BACKENDS for s in GRAD_SHAPES[b]]
-)
+@pytest.mark.parametrize("backend, shape", [param(b, s) for b in BACKENDS for s in GRAD_SHAPES[b]])
 @pytest.mark.parametrize("reduce", REDUCES)
 def test_grad_float32_vs_reference(backend, shape, reduce, gen):
     B, P, D, N, fanout, T = shape
@@ -251,3 +257,22 @@ def test_grad_half_keys(backend, gen):
     assert gp.dtype == F32 and gk.dtype == F16
     torch.testing.assert_close(gp, rgp, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(gk, rgk, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("grad_layout", ["expanded", "transposed"])
+def test_grad_non_contiguous_upstream(backend, grad_layout, gen):
+    """An expanded (stride 0, e.g. from .sum()) or transposed upstream gradient."""
+    N, fanout = 20, 4
+    probes = make_probes(2, 3, 6, F32, gen)
+    keys = make_keys(N, 6, F32, gen)
+    parents = make_parents(2, 3, num_parents(N, fanout), gen)
+    if grad_layout == "expanded":
+        grad = torch.ones(1, 1).expand(2, 12)
+    else:
+        grad = randn((12, 2), F32, gen).T
+    assert not grad.is_contiguous()
+    gp, gk = _grads(lambda p, k: mk.score_children(p, k, parents, fanout, "lse", backend=backend), probes, keys, grad)
+    rgp, rgk = _grads(lambda p, k: reference.score_children(p, k, parents, fanout, "lse"), probes, keys, grad)
+    torch.testing.assert_close(gp, rgp, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(gk, rgk, atol=1e-5, rtol=1e-4)

@@ -26,19 +26,19 @@ def dtypes_for(backend: str):
 # O(1). The inputs of every dtype convert exactly to float32, so only the summation order differs
 # from the reference; float64 inputs give float64 scores.
 SCORE_TOL = {
-    F64: dict(atol=1e-9, rtol=1e-9),
-    F32: dict(atol=2e-5, rtol=2e-5),
-    F16: dict(atol=2e-5, rtol=2e-5),
-    BF16: dict(atol=2e-5, rtol=2e-5),
+    F64: {"atol": 1e-9, "rtol": 1e-9},
+    F32: {"atol": 2e-5, "rtol": 2e-5},
+    F16: {"atol": 2e-5, "rtol": 2e-5},
+    BF16: {"atol": 2e-5, "rtol": 2e-5},
 }
 
 # Tolerances of outputs in the input dtype (cls_pool) when compared with the reference on the
 # same inputs. fp16/bf16 outputs are also held to the error-budget rule (assert_error_budget).
 OUT_TOL = {
-    F64: dict(atol=1e-10, rtol=1e-10),
-    F32: dict(atol=1e-5, rtol=1e-5),
-    F16: dict(atol=2e-3, rtol=2e-3),
-    BF16: dict(atol=1.6e-2, rtol=1.6e-2),
+    F64: {"atol": 1e-10, "rtol": 1e-10},
+    F32: {"atol": 1e-5, "rtol": 1e-5},
+    F16: {"atol": 2e-3, "rtol": 2e-3},
+    BF16: {"atol": 1.6e-2, "rtol": 1.6e-2},
 }
 
 
