@@ -65,7 +65,7 @@ std::tuple<at::Tensor, at::Tensor> cls_pool(const at::Tensor& x, const at::Tenso
     x_t* pooled_data = pooled.data_ptr<x_t>();
     acc_t* lse_data = lse.data_ptr<acc_t>();
     at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> logits(kRowTile * heads), weights(kRowTile), accum(heads * dim);
+      std::vector<acc_t> logits(kRowTile * heads), accum(heads * dim);
       std::vector<OnlineSoftmax<acc_t>> softmax(heads);
       for (int64_t c = begin; c < end; ++c) {
         std::fill(accum.begin(), accum.end(), acc_t(0));
@@ -73,7 +73,8 @@ std::tuple<at::Tensor, at::Tensor> cls_pool(const at::Tensor& x, const at::Tenso
         for (int64_t tile = offset_data[c]; tile < offset_data[c + 1]; tile += kRowTile) {
           const int64_t rows = std::min(kRowTile, offset_data[c + 1] - tile);
           const x_t* x_tile = x_data + tile * dim;
-          multi_dot(q_data, heads, dim, x_tile, logits.data(), rows);  // logits[r * heads + h]
+          // Row by row, so x is read as one sequential stream (faster here than row tiles).
+          for (int64_t r = 0; r < rows; ++r) multi_dot(q_data, heads, dim, x_tile + r * dim, logits.data() + r * heads);
           for (int64_t h = 0; h < heads; ++h) {
             acc_t tile_max = -INFINITY;
             for (int64_t r = 0; r < rows; ++r) tile_max = std::max(tile_max, logits[r * heads + h]);
@@ -81,8 +82,7 @@ std::tuple<at::Tensor, at::Tensor> cls_pool(const at::Tensor& x, const at::Tenso
             acc_t* acc_row = accum.data() + h * dim;
             if (factor != acc_t(1))
               for (int64_t d = 0; d < dim; ++d) acc_row[d] *= factor;
-            for (int64_t r = 0; r < rows; ++r) weights[r] = softmax[h].weigh(logits[r * heads + h]);
-            axpy_rows(acc_row, weights.data(), x_tile, rows, dim);
+            for (int64_t r = 0; r < rows; ++r) axpy(acc_row, softmax[h].weigh(logits[r * heads + h]), x_tile + r * dim, dim);
           }
         }
         for (int64_t h = 0; h < heads; ++h) {

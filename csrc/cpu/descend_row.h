@@ -12,8 +12,10 @@
 
 namespace mllm::cpu {
 
-// Candidate keys scored together: each probe load is shared by this many keys.
-constexpr int64_t kKeysPerStep = 4;
+// How many rows ahead of the one being scored the key rows are prefetched. Scoring one key at
+// a time with a software prefetch beat 2- and 4-key register tiles on levels larger than the
+// caches (the tiles win only when the keys are cached).
+constexpr int64_t kPrefetchRows = 8;
 
 // One level as the row kernel sees it: raw pointers, sizes, and the row's output.
 template <typename key_t, typename acc_t>
@@ -37,25 +39,24 @@ void descend_row(const LevelView<key_t, acc_t>& level, int64_t b, const int64_t*
   const acc_t* probes = level.probes + b * level.num_probes * level.dim;
   const int64_t row_bytes = level.dim * int64_t(sizeof(key_t));
   RunningTopT<acc_t> top(out_scores, out_ids, t);
-  dots.resize(kKeysPerStep * level.num_probes);
+  dots.resize(level.num_probes);
   for (int64_t j = 0; j < num_parents; ++j) {
     const int64_t parent = parents[j];
     if (parent < 0) continue;
     bool repeated = false;
     for (int64_t k = 0; skip_repeated && k < j && !repeated; ++k) repeated = parents[k] == parent;
     if (repeated) continue;
-    // The hardware prefetcher follows a block once it has started; warm up the next one.
+    // Software prefetch keeps enough rows in flight to approach memory bandwidth: the next
+    // parent's first rows while this block is scored, and kPrefetchRows ahead inside it.
     if (j + 1 < num_parents && parents[j + 1] >= 0)
-      prefetch_row(level.keys + parents[j + 1] * fanout * level.dim, kKeysPerStep * row_bytes);
+      prefetch_row(level.keys + parents[j + 1] * fanout * level.dim, kPrefetchRows * row_bytes);
     const int64_t first = parent * fanout;
     const int64_t last = first + std::min(fanout, level.num_nodes - first);
-    for (int64_t child = first; child < last; child += kKeysPerStep) {
-      const int64_t count = std::min(kKeysPerStep, last - child);
-      multi_dot(probes, level.num_probes, level.dim, level.keys + child * level.dim, dots.data(), count);
-      for (int64_t k = 0; k < count; ++k) {
-        if (level.mask != nullptr && !level.mask[child + k]) continue;
-        top.push(reduce_probes(dots.data() + k * level.num_probes, level.num_probes, level.lse), child + k);
-      }
+    for (int64_t child = first; child < last; ++child) {
+      if (child + kPrefetchRows < last) prefetch_row(level.keys + (child + kPrefetchRows) * level.dim, row_bytes);
+      if (level.mask != nullptr && !level.mask[child]) continue;
+      multi_dot(probes, level.num_probes, level.dim, level.keys + child * level.dim, dots.data());
+      top.push(reduce_probes(dots.data(), level.num_probes, level.lse), child);
     }
   }
   top.finish();

@@ -60,7 +60,8 @@ std::tuple<at::Tensor, at::Tensor> score_children(const at::Tensor& probes, cons
       int64_t* id_data = child_ids.data_ptr<int64_t>();
       const int64_t work = batch * num_parents;
       at::parallel_for(0, work, 1, [&](int64_t begin, int64_t end) {
-        std::vector<acc_t> dots(kKeysPerStep * num_probes);
+        const int64_t row_bytes = dim * int64_t(sizeof(key_t));
+        std::vector<acc_t> dots(num_probes);
         for (int64_t item = begin; item < end; ++item) {
           const int64_t b = item / num_parents, j = item % num_parents;
           const int64_t parent = parent_data[item];
@@ -68,15 +69,19 @@ std::tuple<at::Tensor, at::Tensor> score_children(const at::Tensor& probes, cons
           const int64_t valid = parent < 0 ? 0 : std::min(fanout, num_nodes - parent * fanout);
           acc_t* slot_scores = score_data + b * num_slots + j * fanout;
           int64_t* slot_ids = id_data + b * num_slots + j * fanout;
-          for (int64_t k = 0; k < valid; k += kKeysPerStep) {
-            const int64_t count = std::min(kKeysPerStep, valid - k);
+          if (item + 1 < end && parent_data[item + 1] >= 0)
+            prefetch_row(key_data + parent_data[item + 1] * fanout * dim, kPrefetchRows * row_bytes);
+          for (int64_t k = 0; k < valid; ++k) {
             const int64_t child = parent * fanout + k;
-            multi_dot(probe_data + b * num_probes * dim, num_probes, dim, key_data + child * dim, dots.data(), count);
-            for (int64_t i = 0; i < count; ++i) {
-              const bool masked = mask_data != nullptr && !mask_data[child + i];
-              slot_scores[k + i] = masked ? -INFINITY : reduce_probes(dots.data() + i * num_probes, num_probes, lse);
-              slot_ids[k + i] = masked ? -1 : child + i;
+            if (k + kPrefetchRows < valid) prefetch_row(key_data + (child + kPrefetchRows) * dim, row_bytes);
+            if (mask_data != nullptr && !mask_data[child]) {
+              slot_scores[k] = -INFINITY;
+              slot_ids[k] = -1;
+              continue;
             }
+            multi_dot(probe_data + b * num_probes * dim, num_probes, dim, key_data + child * dim, dots.data());
+            slot_scores[k] = reduce_probes(dots.data(), num_probes, lse);
+            slot_ids[k] = child;
           }
           for (int64_t k = valid; k < fanout; ++k) {
             slot_scores[k] = -INFINITY;

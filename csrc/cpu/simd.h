@@ -64,85 +64,63 @@ inline void vstore(float* p, vfloat v) { _mm256_storeu_ps(p, v); }
 #define MLLM_SIMD_WIDTH 0
 #endif
 
-// Dot products of `num_rows` rows against `num_x` consecutive x rows, each x row read once:
-// out[k * num_rows + p] = <rows[p, :], x[k * dim : (k + 1) * dim]>. rows: [num_rows, dim].
+// out[p] = <rows[p, :], x> for p < num_rows, reading x once. rows: [num_rows, dim] contiguous.
 template <typename acc_t, typename x_t>
-inline void multi_dot(const acc_t* rows, int64_t num_rows, int64_t dim, const x_t* x, acc_t* out,
-                      int64_t num_x = 1) {
-  for (int64_t k = 0; k < num_x; ++k) {
-    for (int64_t p = 0; p < num_rows; ++p) {
-      acc_t sum = 0;
-      const acc_t* row = rows + p * dim;
-      const x_t* xk = x + k * dim;
-      for (int64_t d = 0; d < dim; ++d) sum += row[d] * static_cast<acc_t>(xk[d]);
-      out[k * num_rows + p] = sum;
-    }
+inline void multi_dot(const acc_t* rows, int64_t num_rows, int64_t dim, const x_t* x, acc_t* out) {
+  for (int64_t p = 0; p < num_rows; ++p) {
+    acc_t sum = 0;
+    const acc_t* row = rows + p * dim;
+    for (int64_t d = 0; d < dim; ++d) sum += row[d] * static_cast<acc_t>(x[d]);
+    out[p] = sum;
   }
 }
 
 #if MLLM_SIMD_WIDTH
 namespace detail {
-// kRows x kX dot products in registers: each vector load of a row or of x feeds several FMAs,
-// so the loop is bound by the FMA units rather than by loads.
-template <int kRows, int kX, typename x_t>
-inline void dot_tile(const float* rows, int64_t num_rows, int64_t dim, const x_t* x, float* out) {
+// Up to four dot products sharing each load of x.
+template <int kRows, typename x_t>
+inline void dot_block(const float* rows, int64_t dim, const x_t* x, float* out) {
   constexpr int W = MLLM_SIMD_WIDTH;
-  vfloat acc[kX][kRows];
-  for (int k = 0; k < kX; ++k)
-    for (int r = 0; r < kRows; ++r) acc[k][r] = vzero();
+  vfloat acc[kRows];
+  for (int r = 0; r < kRows; ++r) acc[r] = vzero();
   int64_t d = 0;
   for (; d + W <= dim; d += W) {
-    vfloat xv[kX];
-    for (int k = 0; k < kX; ++k) xv[k] = vload(x + k * dim + d);
-    for (int r = 0; r < kRows; ++r) {
-      const vfloat rv = vload(rows + r * dim + d);
-      for (int k = 0; k < kX; ++k) acc[k][r] = vfma(rv, xv[k], acc[k][r]);
-    }
+    const vfloat xv = vload(x + d);
+    for (int r = 0; r < kRows; ++r) acc[r] = vfma(vload(rows + r * dim + d), xv, acc[r]);
   }
-  for (int k = 0; k < kX; ++k) {
-    for (int r = 0; r < kRows; ++r) {
-      float sum = vsum(acc[k][r]);
-      for (int64_t e = d; e < dim; ++e) sum += rows[r * dim + e] * static_cast<float>(x[k * dim + e]);
-      out[k * num_rows + r] = sum;
-    }
-  }
-}
-
-template <int kX, typename x_t>
-inline void dot_rows(const float* rows, int64_t num_rows, int64_t dim, const x_t* x, float* out) {
-  int64_t p = 0;
-  for (; p + 4 <= num_rows; p += 4) dot_tile<4, kX>(rows + p * dim, num_rows, dim, x, out + p);
-  switch (num_rows - p) {
-    case 3: dot_tile<3, kX>(rows + p * dim, num_rows, dim, x, out + p); break;
-    case 2: dot_tile<2, kX>(rows + p * dim, num_rows, dim, x, out + p); break;
-    case 1: dot_tile<1, kX>(rows + p * dim, num_rows, dim, x, out + p); break;
-    default: break;
+  for (int r = 0; r < kRows; ++r) {
+    float sum = vsum(acc[r]);
+    for (int64_t e = d; e < dim; ++e) sum += rows[r * dim + e] * static_cast<float>(x[e]);
+    out[r] = sum;
   }
 }
 
 template <typename x_t>
-inline void multi_dot_simd(const float* rows, int64_t num_rows, int64_t dim, const x_t* x, float* out,
-                           int64_t num_x) {
-  int64_t k = 0;
-  for (; k + 4 <= num_x; k += 4) dot_rows<4>(rows, num_rows, dim, x + k * dim, out + k * num_rows);
-  for (; k < num_x; ++k) dot_rows<1>(rows, num_rows, dim, x + k * dim, out + k * num_rows);
+inline void multi_dot_simd(const float* rows, int64_t num_rows, int64_t dim, const x_t* x, float* out) {
+  int64_t p = 0;
+  for (; p + 4 <= num_rows; p += 4) dot_block<4>(rows + p * dim, dim, x, out + p);
+  switch (num_rows - p) {
+    case 3: dot_block<3>(rows + p * dim, dim, x, out + p); break;
+    case 2: dot_block<2>(rows + p * dim, dim, x, out + p); break;
+    case 1: dot_block<1>(rows + p * dim, dim, x, out + p); break;
+    default: break;
+  }
 }
 }  // namespace detail
 
 template <>
-inline void multi_dot<float, float>(const float* rows, int64_t n, int64_t dim, const float* x, float* out,
-                                    int64_t num_x) {
-  detail::multi_dot_simd(rows, n, dim, x, out, num_x);
+inline void multi_dot<float, float>(const float* rows, int64_t n, int64_t dim, const float* x, float* out) {
+  detail::multi_dot_simd(rows, n, dim, x, out);
 }
 template <>
 inline void multi_dot<float, c10::Half>(const float* rows, int64_t n, int64_t dim, const c10::Half* x,
-                                        float* out, int64_t num_x) {
-  detail::multi_dot_simd(rows, n, dim, x, out, num_x);
+                                        float* out) {
+  detail::multi_dot_simd(rows, n, dim, x, out);
 }
 template <>
 inline void multi_dot<float, c10::BFloat16>(const float* rows, int64_t n, int64_t dim, const c10::BFloat16* x,
-                                            float* out, int64_t num_x) {
-  detail::multi_dot_simd(rows, n, dim, x, out, num_x);
+                                            float* out) {
+  detail::multi_dot_simd(rows, n, dim, x, out);
 }
 #endif
 
