@@ -40,6 +40,9 @@ inline float vsum(vfloat v) {
   return _mm_cvtss_f32(_mm_add_ss(pairs, _mm_shuffle_ps(pairs, pairs, 1)));
 }
 inline void vstore(float* p, vfloat v) { _mm512_storeu_ps(p, v); }
+inline __m256 fold256(vfloat v) {
+  return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+}
 #elif (defined(__x86_64__) || defined(_M_X64)) && defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
 #define MLLM_SIMD_WIDTH 8
 using vfloat = __m256;
@@ -60,8 +63,19 @@ inline float vsum(vfloat v) {
   return _mm_cvtss_f32(_mm_add_ss(pairs, _mm_shuffle_ps(pairs, pairs, 1)));
 }
 inline void vstore(float* p, vfloat v) { _mm256_storeu_ps(p, v); }
+inline __m256 fold256(vfloat v) { return v; }
 #else
 #define MLLM_SIMD_WIDTH 0
+#endif
+
+#if MLLM_SIMD_WIDTH
+// out[0..4) = horizontal sums of four vectors, with shared shuffles (a transposed reduction).
+inline void vsum4(const vfloat* v, float* out) {
+  const __m256 ab = _mm256_hadd_ps(fold256(v[0]), fold256(v[1]));
+  const __m256 cd = _mm256_hadd_ps(fold256(v[2]), fold256(v[3]));
+  const __m256 abcd = _mm256_hadd_ps(ab, cd);  // per 128-bit lane: a, b, c, d partial sums
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1)));
+}
 #endif
 
 // out[p] = <rows[p, :], x> for p < num_rows, reading x once. rows: [num_rows, dim] contiguous.
@@ -88,11 +102,13 @@ inline void dot_block(const float* rows, int64_t dim, const x_t* x, float* out) 
     const vfloat xv = vload(x + d);
     for (int r = 0; r < kRows; ++r) acc[r] = vfma(vload(rows + r * dim + d), xv, acc[r]);
   }
-  for (int r = 0; r < kRows; ++r) {
-    float sum = vsum(acc[r]);
-    for (int64_t e = d; e < dim; ++e) sum += rows[r * dim + e] * static_cast<float>(x[e]);
-    out[r] = sum;
+  if constexpr (kRows == 4) {
+    vsum4(acc, out);
+  } else {
+    for (int r = 0; r < kRows; ++r) out[r] = vsum(acc[r]);
   }
+  for (; d < dim; ++d)
+    for (int r = 0; r < kRows; ++r) out[r] += rows[r * dim + d] * static_cast<float>(x[d]);
 }
 
 template <typename x_t>
