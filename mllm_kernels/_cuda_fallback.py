@@ -4,15 +4,7 @@ from __future__ import annotations
 
 import torch
 
-OPS = (
-    "chunk_offsets",
-    "cls_pool",
-    "cls_pool_backward",
-    "score_children",
-    "score_children_backward",
-    "descend",
-    "descend_tree",
-)
+from ._fake import FAKE_KERNELS
 
 
 def register_triton_for_cuda() -> None:
@@ -20,7 +12,7 @@ def register_triton_for_cuda() -> None:
 
     Triton is imported on the first CUDA call, so CPU-only users never pay for it.
     """
-    for name in OPS:
+    for name in FAKE_KERNELS:
 
         def kernel(*args, _name=name):
             from .triton import launchers

@@ -51,15 +51,19 @@ def descend_tree(probes, keys, fanout, t, reduce, masks):
     return out
 
 
+FAKE_KERNELS = {
+    "chunk_offsets": chunk_offsets,
+    "cls_pool": cls_pool,
+    "cls_pool_backward": cls_pool_backward,
+    "score_children": score_children,
+    "score_children_backward": score_children_backward,
+    "descend": descend,
+    "descend_tree": descend_tree,
+}
+"""Every operator of a namespace (``mllm_kernels`` or ``mllm_kernels_triton``) and its fake."""
+
+
 def register(namespace: str) -> None:
     """Register the fake kernels for every op of ``namespace``."""
-    for name, fn in [
-        ("chunk_offsets", chunk_offsets),
-        ("cls_pool", cls_pool),
-        ("cls_pool_backward", cls_pool_backward),
-        ("score_children", score_children),
-        ("score_children_backward", score_children_backward),
-        ("descend", descend),
-        ("descend_tree", descend_tree),
-    ]:
+    for name, fn in FAKE_KERNELS.items():
         torch.library.register_fake(f"{namespace}::{name}", fn)

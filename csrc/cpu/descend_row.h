@@ -12,11 +12,6 @@
 
 namespace mllm::cpu {
 
-// How many rows ahead of the one being scored the key rows are prefetched. Scoring one key at
-// a time with a software prefetch beat 2- and 4-key register tiles on levels larger than the
-// caches (the tiles win only when the keys are cached).
-constexpr int64_t kPrefetchRows = 8;
-
 // One level as the row kernel sees it: raw pointers, sizes, and the row's output.
 template <typename key_t, typename acc_t>
 struct LevelView {

@@ -9,7 +9,6 @@
 #include "../checks.h"
 #include "../common/probe_reduce.h"
 #include "kernels.h"
-#include "descend_row.h"
 #include "simd.h"
 
 namespace mllm::cpu {

@@ -141,12 +141,11 @@ inline void multi_dot<float, c10::BFloat16>(const float* rows, int64_t n, int64_
 #endif
 
 // acc[d] += sum_r weights[r] * x[r * stride + d] for d < dim, over num_rows rows of x that are
-// `stride` elements apart (default: consecutive rows): each accumulator vector is loaded and
-// stored once per call, not once per row.
+// `stride` elements apart: each accumulator vector is loaded and stored once per call, not once
+// per row.
 template <typename acc_t, typename x_t>
 inline void axpy_rows(acc_t* acc, const acc_t* weights, const x_t* x, int64_t num_rows, int64_t dim,
-                      int64_t stride = -1) {
-  if (stride < 0) stride = dim;
+                      int64_t stride) {
   int64_t d = 0;
 #if MLLM_SIMD_WIDTH
   if constexpr (std::is_same_v<acc_t, float> && !std::is_same_v<x_t, double>) {
@@ -167,8 +166,13 @@ inline void axpy_rows(acc_t* acc, const acc_t* weights, const x_t* x, int64_t nu
 // acc[d] += weight * x[d].
 template <typename acc_t, typename x_t>
 inline void axpy(acc_t* acc, acc_t weight, const x_t* x, int64_t dim) {
-  axpy_rows(acc, &weight, x, 1, dim);
+  axpy_rows(acc, &weight, x, 1, dim, dim);
 }
+
+// How many key rows ahead of the one being scored the kernels prefetch. Scoring one key at a
+// time with a software prefetch beat 2- and 4-key register tiles on levels larger than the
+// caches (the tiles win only when the keys are cached).
+constexpr int64_t kPrefetchRows = 8;
 
 // Prefetches the row at `p` (`bytes` long) into the caches.
 inline void prefetch_row(const void* p, int64_t bytes) {
