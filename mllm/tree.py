@@ -1,0 +1,156 @@
+"""The implicit tree of a memory: embeddings, keys and liveness per level, and its repair.
+
+Levels are kept by **height** (index 0 = the leaves) because the tree grows at the top. The
+children of node i at height h+1 are nodes ``[i*fanout, min((i+1)*fanout, N_h))`` at height h, so
+``N_{h+1} = ceil(N_h / fanout)``; the top level holds at most ``fanout`` nodes.
+
+Removed leaves become tombstones (zeroed embedding and key, not live) so that the other leaves
+keep their ids and their siblings; a parent whose children are all dead is dead too, and dead
+leaves at the right end are cut off. ``repair`` re-encodes exactly the ancestors of what changed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import MemoryConfig
+
+# Parents encoded per LevelEncoder call: bounds the padded [groups, fanout, D] activations.
+_PARENTS_PER_CALL = 4096
+
+
+class Tree:
+    """Per-height ``emb`` (float32 ``[N_h, D]``), ``keys`` (key dtype ``[N_h, D]``) and ``live`` (bool ``[N_h]``)."""
+
+    def __init__(self, config: MemoryConfig, level_encoders: nn.ModuleList, ranker: nn.Module):
+        self.config = config
+        self.level_encoders = level_encoders
+        self.ranker = ranker
+        d = config.d_model
+        self.emb = [torch.zeros(0, d)]
+        self.keys = [torch.zeros(0, d, dtype=config.key_torch_dtype)]
+        self.live = [torch.zeros(0, dtype=torch.bool)]
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.emb) if self.emb[0].shape[0] else 0
+
+    @property
+    def num_leaves(self) -> int:
+        return self.emb[0].shape[0]
+
+    def sizes(self) -> list[int]:
+        return [e.shape[0] for e in self.emb]
+
+    def _keys_of(self, emb: torch.Tensor, height: int, live: torch.Tensor) -> torch.Tensor:
+        keys = self.ranker.keys(emb, height).to(self.config.key_torch_dtype)
+        keys[~live] = 0
+        return keys
+
+    @torch.no_grad()
+    def append_leaves(self, emb: torch.Tensor) -> torch.Tensor:
+        """Add leaves at the right edge; returns their ids (the dirty leaves for ``repair``)."""
+        start = self.num_leaves
+        live = torch.ones(emb.shape[0], dtype=torch.bool)
+        self.emb[0] = torch.cat([self.emb[0], emb.float()])
+        self.keys[0] = torch.cat([self.keys[0], self._keys_of(emb, 1, live)])
+        self.live[0] = torch.cat([self.live[0], live])
+        return torch.arange(start, self.num_leaves)
+
+    @torch.no_grad()
+    def kill_leaves(self, ids: torch.Tensor) -> None:
+        """Tombstone leaves: nothing of their content stays in the embeddings or keys."""
+        self.emb[0][ids] = 0
+        self.keys[0][ids] = 0
+        self.live[0][ids] = False
+
+    @torch.no_grad()
+    def set_leaves(self, emb: torch.Tensor, live: torch.Tensor) -> None:
+        """Replace all leaves (and drop every level above; ``repair`` rebuilds them)."""
+        emb = emb.float().clone()
+        emb[~live] = 0
+        self.emb, self.live = [emb], [live.clone()]
+        self.keys = [self._keys_of(emb, 1, live)]
+
+    @torch.no_grad()
+    def repair(self, dirty: torch.Tensor) -> int:
+        """Re-encode the ancestors of the ``dirty`` leaf ids; returns how many nodes were encoded.
+
+        Also cuts dead leaves off the right end, adds a level when the top overflows ``fanout``
+        and drops levels that are no longer needed.
+        """
+        fanout = self.config.fanout
+        last_live = torch.nonzero(self.live[0]).max().item() + 1 if self.live[0].any() else 0
+        if last_live < self.num_leaves:
+            for values in (self.emb, self.keys, self.live):
+                values[0] = values[0][:last_live]
+        encoded, height = 0, 0
+        while self.emb[height].shape[0] > fanout:
+            n_child, n_parent = self.emb[height].shape[0], -(-self.emb[height].shape[0] // fanout)
+            if height + 1 == len(self.emb):
+                if height + 2 > self.config.max_levels:
+                    raise RuntimeError(f"HierarchicalMemory: {n_child} nodes at height {height + 1} need more than "
+                                       f"max_levels={self.config.max_levels} levels; raise max_levels or fanout")
+                self._resize(height + 1, 0)
+                parents = torch.arange(n_parent)
+            else:
+                old = self.emb[height + 1].shape[0]
+                parents = torch.cat([torch.unique(dirty // fanout), torch.arange(min(old, n_parent), n_parent)])
+                parents = torch.unique(parents[parents < n_parent])
+            self._resize(height + 1, n_parent)
+            self._encode_parents(height + 1, parents)
+            encoded += parents.numel()
+            dirty, height = parents, height + 1
+            assert n_parent < n_child
+        for values in (self.emb, self.keys, self.live):
+            del values[height + 1:]
+        return encoded
+
+    def _resize(self, height: int, size: int) -> None:
+        if height == len(self.emb):
+            self.emb.append(torch.zeros(0, self.config.d_model))
+            self.keys.append(torch.zeros(0, self.config.d_model, dtype=self.config.key_torch_dtype))
+            self.live.append(torch.zeros(0, dtype=torch.bool))
+        grow = size - self.emb[height].shape[0]
+        if grow <= 0:
+            for values in (self.emb, self.keys, self.live):
+                values[height] = values[height][:size]
+            return
+        self.emb[height] = torch.cat([self.emb[height], self.emb[height].new_zeros(grow, self.config.d_model)])
+        self.keys[height] = torch.cat([self.keys[height], self.keys[height].new_zeros(grow, self.config.d_model)])
+        self.live[height] = torch.cat([self.live[height], self.live[height].new_zeros(grow)])
+
+    def _encode_parents(self, height: int, parents: torch.Tensor) -> None:
+        """Encode the nodes ``parents`` of level ``height`` from their live children."""
+        fanout = self.config.fanout
+        encoder = self.level_encoders[height - 2]
+        below_emb, below_live = self.emb[height - 1], self.live[height - 1]
+        for batch in parents.split(_PARENTS_PER_CALL):
+            children = batch[:, None] * fanout + torch.arange(fanout)
+            valid = children < below_emb.shape[0]
+            valid[valid.clone()] = below_live[children[valid]]
+            counts = valid.sum(1)
+            alive = counts > 0
+            emb = torch.zeros(batch.numel(), self.config.d_model)
+            if alive.any():
+                offsets = torch.nn.functional.pad(counts[alive].cumsum(0), (1, 0))
+                emb[alive] = encoder(below_emb[children[valid]], offsets).float()
+            self.emb[height][batch] = emb
+            self.live[height][batch] = alive
+            self.keys[height][batch] = self._keys_of(emb, height, alive)
+
+    def visible(self, leaf_visible: torch.Tensor | None) -> list[torch.Tensor] | None:
+        """Per-height masks: live and (at the leaves) ``leaf_visible``; a parent is visible when any child is.
+
+        Returns None when every node is visible (the kernels then skip the mask).
+        """
+        leaves = self.live[0] if leaf_visible is None else self.live[0] & leaf_visible
+        if leaf_visible is None and all(bool(live.all()) for live in self.live):
+            return None
+        masks, fanout = [leaves], self.config.fanout
+        for height in range(1, len(self.emb)):
+            below = masks[-1]
+            padded = torch.nn.functional.pad(below, (0, (-below.numel()) % fanout))
+            masks.append(padded.view(-1, fanout).any(1) & self.live[height])
+        return masks
