@@ -48,7 +48,7 @@ def _summary(text: str) -> str:
 
 def _print_answers(memory: HierarchicalMemory, questions: list[str]) -> None:
     query = memory.encode_queries(questions)
-    memory.retrieve(query, t=8, k=5)  # warm-up: the first call pays one-time set-up
+    memory.retrieve(query, t=8, k=5, profile=True)  # warm-up: the first call pays one-time set-up
     result = memory.retrieve(query, t=8, k=5, profile=True)
     levels = " + ".join(f"{s * 1e6:.0f}" for s in result.level_seconds)
     for question, chunks in zip(questions, result.chunks):

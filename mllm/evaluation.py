@@ -46,8 +46,9 @@ def recall_at_k(found_scores: torch.Tensor, exact_scores: torch.Tensor, toleranc
     when it scores at least the exact k-th best: among equal scores any choice is right, which
     plain id matching would count as misses.
     """
-    kth = exact_scores[:, -1:]
-    valid = torch.isfinite(exact_scores).sum(1).clamp(min=1)
+    finite = torch.isfinite(exact_scores)
+    kth = exact_scores.masked_fill(~finite, float("inf")).amin(1, keepdim=True)  # fewer than k visible: the last
+    valid = finite.sum(1).clamp(min=1)
     hits = (torch.isfinite(found_scores) & (found_scores >= kth - tolerance)).sum(1)
     return (hits.clamp(max=valid).float() / valid).mean().item()
 

@@ -228,3 +228,20 @@ def test_bad_input_is_named():
         MemoryConfig(fanout=1)
     with pytest.raises(ValueError, match="layout"):
         MemoryConfig(layout="random")
+
+
+def test_ranker_scores_through_score_children_with_gradients(gen):
+    memory = tiny_memory(random_documents(gen, 40), fanout=4)
+    height = memory.num_levels - 1  # the level below the top
+    embeddings = memory.tree.emb[height - 1].clone().requires_grad_(True)
+    query = torch.randn(3, 2, 16, generator=gen)
+    parents = torch.tensor([[0, 1], [1, -1], [0, 0]])  # ids of the top level (at least 2 nodes)
+    scores, child_ids = memory.ranker.score(query, embeddings, height, parents, fanout=4)
+    assert scores.shape == child_ids.shape == (3, 8)
+    expected = torch.einsum("bpd,bcd->bpc", query, embeddings[child_ids.clamp(min=0)]).amax(1)
+    valid = child_ids >= 0
+    torch.testing.assert_close(scores[valid], expected[valid])
+    torch.nn.functional.log_softmax(scores.masked_fill(~valid, -1e4), dim=1)[:, 0].sum().backward()
+    assert embeddings.grad.abs().sum() > 0
+    assert memory.ranker.query_proj[height - 1].weight.grad.abs().sum() > 0
+    assert memory.ranker.key_proj[height - 1].weight.grad.abs().sum() > 0
