@@ -66,6 +66,7 @@ class HierarchicalMemory(nn.Module):
         self.last_update = UpdateStats()
         self._masked: Counter[int] = Counter()
         self._visible_cache: tuple | None = None
+        self._provenance: tuple | None = None
         self._version = 0
         self.tokens_per_batch = 8192
 
@@ -323,11 +324,13 @@ class HierarchicalMemory(nn.Module):
 
     def _backtrack(self, leaf_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each selected leaf's document ``[B, k]`` and token span ``[B, k, 2]`` (``-1`` for none)."""
-        found = leaf_ids >= 0
-        safe = leaf_ids.clamp(min=0)
-        doc = torch.where(found, self.leaf_doc[safe], -1)
-        span = torch.where(found[..., None], self.leaf_span[safe], -1)
-        return doc, span
+        if self._provenance is None or self._provenance[0] != self._version:
+            # (doc, start, end) per leaf plus a trailing (-1, -1, -1) row that leaf id -1 indexes:
+            # one gather per query batch, no masking.
+            table = torch.cat([torch.cat([self.leaf_doc[:, None], self.leaf_span], 1), torch.full((1, 3), -1)])
+            self._provenance = (self._version, table)
+        rows = self._provenance[1][leaf_ids]
+        return rows[..., 0], rows[..., 1:]
 
     def chunk_text(self, chunk: RetrievedChunk) -> str:
         """The text of a retrieved chunk (decoded from its stored tokens)."""
