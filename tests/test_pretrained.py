@@ -46,3 +46,15 @@ def test_minilm_memory_finds_the_right_document(encoder, tmp_path):
     assert (tmp_path / "minilm.mllm").stat().st_size < 30_000_000  # the 90 MB frozen backbone is saved by reference
     loaded = HierarchicalMemory.load(tmp_path / "minilm.mllm", encoder=encoder)
     assert loaded.retrieve(["hash bytes with sha256"], t=4, k=3).chunks == result.chunks[1:]
+
+
+def test_bfloat16_autocast_stays_close(encoder):
+    memory = HierarchicalMemory(encoder, MemoryConfig(d_model=384, chunk_size=128))
+    full = memory.encode_queries(SENTENCES)
+    encoder.autocast_dtype = torch.bfloat16
+    try:
+        fast = memory.encode_queries(SENTENCES)
+    finally:
+        encoder.autocast_dtype = None
+    assert fast.dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(full, fast, dim=-1).min() > 0.999
