@@ -220,7 +220,8 @@ class HierarchicalMemory(nn.Module):
         ids = self._check_ids(doc_ids, "remove")
         leaves = torch.nonzero(torch.isin(self.leaf_doc, ids)).flatten()
         for doc_id in ids.tolist():
-            del self.doc_tokens[doc_id], self.doc_titles[doc_id]
+            self.doc_tokens.pop(doc_id).zero_()  # its own copy: leave no trace in freed memory either
+            del self.doc_titles[doc_id]
             self._masked.pop(doc_id, None)
         self.tree.kill_leaves(leaves)
         self.leaf_doc[leaves] = -1
@@ -256,13 +257,13 @@ class HierarchicalMemory(nn.Module):
         """
         ids = self._check_ids(doc_ids, "masked").tolist()
         self._masked.update(ids)
-        self._changed()
+        self._visible_cache = None
         try:
             yield self
         finally:
             self._masked.subtract(ids)
             self._masked = +self._masked  # drop zero counts
-            self._changed()
+            self._visible_cache = None
 
     def visible_masks(self) -> list[torch.Tensor] | None:
         """Per-level bool masks, top to bottom, of what retrieval may return (None: everything)."""
@@ -292,7 +293,8 @@ class HierarchicalMemory(nn.Module):
         if levels == 0:
             empty = torch.empty(batch, 0, dtype=torch.int64)
             return RetrievalResult([], [], empty, empty.view(batch, 0, 2))
-        beams = [int(t or self.config.t)] * levels if not isinstance(t, Sequence) else [int(x) for x in t]
+        t = self.config.t if t is None else t
+        beams = [int(t)] * levels if not isinstance(t, Sequence) else [int(x) for x in t]
         if len(beams) != levels:
             raise ValueError(f"HierarchicalMemory.retrieve: t has {len(beams)} values for {levels} levels")
         if k is not None:

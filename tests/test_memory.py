@@ -216,6 +216,8 @@ def test_bad_input_is_named():
     memory.add([[1, 2, 3]] * 20)
     with pytest.raises(ValueError, match="query embeddings must be"):
         memory.retrieve(torch.randn(2, 15))
+    with pytest.raises(ValueError, match=r"t\[0\] must be >= 1"):
+        memory.retrieve(torch.randn(2, 16), t=0)
     with pytest.raises(ValueError, match="t has 1 values"):
         memory.retrieve(torch.randn(2, 16), t=[3])
     with pytest.raises(ValueError, match="at least one token"):
