@@ -18,7 +18,7 @@ from .encoders import ChunkEncoder, LevelEncoder
 from .layout import semantic_order
 from .ranker import DecoderRanker
 from .results import RetrievalResult, RetrievedChunk
-from .tree import Tree
+from .tree import Tree, append_rows
 
 Document = str | Sequence[int] | torch.Tensor
 
@@ -67,6 +67,7 @@ class HierarchicalMemory(nn.Module):
         self._masked: Counter[int] = Counter()
         self._visible_cache: tuple | None = None
         self._provenance: tuple | None = None
+        self._spare_rows: dict = {}  # spare capacity of leaf_doc / leaf_span (see append_rows)
         self._version = 0
         self.tokens_per_batch = 8192
 
@@ -197,8 +198,8 @@ class HierarchicalMemory(nn.Module):
             self.doc_tokens[doc_id] = token_lists[i].to(torch.int32)
             self.doc_titles[doc_id] = titles[i] if titles is not None else ""
         dirty = self.tree.append_leaves(emb)
-        self.leaf_doc = torch.cat([self.leaf_doc, torch.tensor(ids, dtype=torch.int64)[segment]])
-        self.leaf_span = torch.cat([self.leaf_span, span])
+        self.leaf_doc = append_rows(self._spare_rows, "leaf_doc", self.leaf_doc, torch.tensor(ids)[segment])
+        self.leaf_span = append_rows(self._spare_rows, "leaf_span", self.leaf_span, span)
         self.last_update = UpdateStats(emb.shape[0], self._repair(dirty))
         return ids
 

@@ -20,6 +20,24 @@ from .config import MemoryConfig
 _PARENTS_PER_CALL = 4096
 
 
+def append_rows(buffers: dict, key, current: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``torch.cat([current, rows])`` in amortised O(len(rows)) time.
+
+    The result is a view on a buffer kept in ``buffers[key]`` with room to spare (capacity
+    grows by half), so a memory that grows by small ``add`` calls does not copy all its levels each
+    time. ``current`` is used in place only when it is a prefix view of that buffer; any other
+    tensor (e.g. one mapped from a file) is copied once into a new buffer.
+    """
+    n, m = current.shape[0], rows.shape[0]
+    buffer = buffers.get(key)
+    if buffer is None or buffer.data_ptr() != current.data_ptr() or buffer.shape[0] < n + m or n == 0:
+        buffer = current.new_zeros((max(n + m, n + n // 2),) + tuple(current.shape[1:]))
+        buffer[:n] = current
+        buffers[key] = buffer
+    buffer[n:n + m] = rows
+    return buffer[:n + m]
+
+
 class Tree:
     """Per-height ``emb`` (float32 ``[N_h, D]``), ``keys`` (key dtype ``[N_h, D]``) and ``live`` (bool ``[N_h]``)."""
 
@@ -31,6 +49,7 @@ class Tree:
         self.emb = [torch.zeros(0, d)]
         self.keys = [torch.zeros(0, d, dtype=config.key_torch_dtype)]
         self.live = [torch.zeros(0, dtype=torch.bool)]
+        self._buffers: dict = {}
 
     @property
     def num_levels(self) -> int:
@@ -53,9 +72,7 @@ class Tree:
         """Add leaves at the right edge; returns their ids (the dirty leaves for ``repair``)."""
         start = self.num_leaves
         live = torch.ones(emb.shape[0], dtype=torch.bool)
-        self.emb[0] = torch.cat([self.emb[0], emb.float()])
-        self.keys[0] = torch.cat([self.keys[0], self._keys_of(emb, 1, live)])
-        self.live[0] = torch.cat([self.live[0], live])
+        self._append(0, emb.float(), self._keys_of(emb, 1, live), live)
         return torch.arange(start, self.num_leaves)
 
     @torch.no_grad()
@@ -72,6 +89,7 @@ class Tree:
         emb[~live] = 0
         self.emb, self.live = [emb], [live.clone()]
         self.keys = [self._keys_of(emb, 1, live)]
+        self._buffers.clear()
 
     @torch.no_grad()
     def repair(self, dirty: torch.Tensor) -> int:
@@ -105,6 +123,8 @@ class Tree:
             assert n_parent < n_child
         for values in (self.emb, self.keys, self.live):
             del values[height + 1:]
+        for key in [key for key in self._buffers if key[1] > height]:
+            del self._buffers[key]
         return encoded
 
     def _resize(self, height: int, size: int) -> None:
@@ -115,11 +135,15 @@ class Tree:
         grow = size - self.emb[height].shape[0]
         if grow <= 0:
             for values in (self.emb, self.keys, self.live):
+                values[height][size:] = 0  # cut nodes may stay in a buffer's spare rows: leave nothing of them
                 values[height] = values[height][:size]
             return
-        self.emb[height] = torch.cat([self.emb[height], self.emb[height].new_zeros(grow, self.config.d_model)])
-        self.keys[height] = torch.cat([self.keys[height], self.keys[height].new_zeros(grow, self.config.d_model)])
-        self.live[height] = torch.cat([self.live[height], self.live[height].new_zeros(grow)])
+        self._append(height, self.emb[height].new_zeros(grow, self.config.d_model),
+                     self.keys[height].new_zeros(grow, self.config.d_model), self.live[height].new_zeros(grow))
+
+    def _append(self, height: int, emb: torch.Tensor, keys: torch.Tensor, live: torch.Tensor) -> None:
+        for name, values, rows in (("emb", self.emb, emb), ("keys", self.keys, keys), ("live", self.live, live)):
+            values[height] = append_rows(self._buffers, (name, height), values[height], rows)
 
     def _encode_parents(self, height: int, parents: torch.Tensor) -> None:
         """Encode the nodes ``parents`` of level ``height`` from their live children."""

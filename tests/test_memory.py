@@ -247,3 +247,18 @@ def test_ranker_scores_through_score_children_with_gradients(gen):
     assert embeddings.grad.abs().sum() > 0
     assert memory.ranker.query_proj[height - 1].weight.grad.abs().sum() > 0
     assert memory.ranker.key_proj[height - 1].weight.grad.abs().sum() > 0
+
+
+def test_small_adds_grow_in_place_and_cuts_leave_no_trace(gen):
+    memory = tiny_memory(random_documents(gen, 50))
+    pointers = set()
+    for _ in range(40):
+        memory.add([[1, 2, 3]])
+        pointers.add(memory.tree.emb[0].data_ptr())
+    assert len(pointers) <= 2  # spare capacity grows by half: no copy of the levels per add
+    check_tree(memory)
+    memory.remove(range(60, 90))  # cuts leaves and parents at the right end
+    check_tree(memory)
+    for (name, height), buffer in memory.tree._buffers.items():
+        used = getattr(memory.tree, name)[height].shape[0]
+        assert not buffer[used:].any(), f"rows cut from {name} at height {height} are not erased"
