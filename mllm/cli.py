@@ -58,7 +58,7 @@ def _load(path: str):
     from .memory import HierarchicalMemory
 
     start = time.perf_counter()
-    memory = HierarchicalMemory.load(path)
+    memory = HierarchicalMemory.load(path, mmap=True)  # mapped, not read into fresh buffers
     print(f"loaded {path}: {len(memory)} documents, {memory.num_leaves} leaves, {memory.num_levels} levels "
           f"({time.perf_counter() - start:.1f} s)", file=sys.stderr)
     return memory

@@ -94,11 +94,11 @@ class TransformerBackbone(nn.Module):
 class HFBackbone(nn.Module):
     """A pretrained Hugging Face encoder (BERT-like) loaded from a local directory; frozen by default.
 
-    Adds the model's own [CLS] ... [SEP] around each chunk, and reports those positions as valid,
+    Adds the tokenizer's [CLS] ... [SEP] (``cls_id``, ``sep_id``) around each chunk, and reports those positions as valid,
     so that mean pooling matches the sentence-transformers pooling the model was trained with.
     """
 
-    def __init__(self, path: str, name: str | None = None, trainable: bool = False):
+    def __init__(self, path: str, cls_id: int, sep_id: int, name: str | None = None, trainable: bool = False):
         super().__init__()
         from transformers import AutoConfig, AutoModel
 
@@ -108,8 +108,7 @@ class HFBackbone(nn.Module):
         self.model.requires_grad_(trainable)
         self.d_model = config.hidden_size
         self.max_len = config.max_position_embeddings - 2
-        self.cls_id = getattr(config, "cls_token_id", None) or 101
-        self.sep_id = getattr(config, "sep_token_id", None) or 102
+        self.cls_id, self.sep_id = cls_id, sep_id
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor):
         count, width = ids.shape

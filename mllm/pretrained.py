@@ -35,8 +35,9 @@ def pretrained_encoder(name: str = MINILM, *, heads: int = 1, normalize: bool = 
     ``autocast_dtype=torch.bfloat16`` runs the backbone in bf16 (see ``ChunkEncoder``).
     """
     path = _model_dir(name)
-    backbone = HFBackbone(str(path), name=name, trainable=trainable)
-    return ChunkEncoder(backbone, HFTokenizer(str(path), name=name), backbone.d_model, heads, normalize, autocast_dtype)
+    tokenizer = HFTokenizer(str(path), name=name)
+    backbone = HFBackbone(str(path), tokenizer.cls_id, tokenizer.sep_id, name=name, trainable=trainable)
+    return ChunkEncoder(backbone, tokenizer, backbone.d_model, heads, normalize, autocast_dtype)
 
 
 def minilm_encoder(**kwargs) -> ChunkEncoder:

@@ -112,4 +112,4 @@ class MemoryMachine(RuleBasedStateMachine):
 
 
 TestMemoryProperties = MemoryMachine.TestCase
-TestMemoryProperties.settings = settings(max_examples=40, stateful_step_count=12, deadline=None)
+TestMemoryProperties.settings = settings(max_examples=60, stateful_step_count=20, deadline=None)
