@@ -100,9 +100,8 @@ class Tree:
         """
         fanout = self.config.fanout
         last_live = torch.nonzero(self.live[0]).max().item() + 1 if self.live[0].any() else 0
-        if last_live < self.num_leaves:
-            for values in (self.emb, self.keys, self.live):
-                values[0] = values[0][:last_live]
+        dirty = torch.cat([dirty, torch.arange(last_live, self.num_leaves)])  # cut leaves change their parents too
+        self._resize(0, last_live)
         encoded, height = 0, 0
         while self.emb[height].shape[0] > fanout:
             n_child, n_parent = self.emb[height].shape[0], -(-self.emb[height].shape[0] // fanout)
@@ -111,16 +110,15 @@ class Tree:
                     raise RuntimeError(f"HierarchicalMemory: {n_child} nodes at height {height + 1} need more than "
                                        f"max_levels={self.config.max_levels} levels; raise max_levels or fanout")
                 self._resize(height + 1, 0)
-                parents = torch.arange(n_parent)
-            else:
-                old = self.emb[height + 1].shape[0]
-                parents = torch.cat([torch.unique(dirty // fanout), torch.arange(min(old, n_parent), n_parent)])
-                parents = torch.unique(parents[parents < n_parent])
+            old = self.emb[height + 1].shape[0]
+            # Changed at height + 1: the parents of changed or cut children, and the new or cut parents.
+            # Cut ones are not encoded, but their own parents above have changed.
+            changed = torch.unique(torch.cat([dirty // fanout, torch.arange(min(old, n_parent), max(old, n_parent))]))
             self._resize(height + 1, n_parent)
+            parents = changed[changed < n_parent]
             self._encode_parents(height + 1, parents)
             encoded += parents.numel()
-            dirty, height = parents, height + 1
-            assert n_parent < n_child
+            dirty, height = changed, height + 1
         for values in (self.emb, self.keys, self.live):
             del values[height + 1:]
         for key in [key for key in self._buffers if key[1] > height]:

@@ -262,3 +262,30 @@ def test_small_adds_grow_in_place_and_cuts_leave_no_trace(gen):
     for (name, height), buffer in memory.tree._buffers.items():
         used = getattr(memory.tree, name)[height].shape[0]
         assert not buffer[used:].any(), f"rows cut from {name} at height {height} are not erased"
+
+
+def test_masking_spends_no_beam_on_hidden_subtrees():
+    """Recall of the visible documents under a mask beats retrieving unmasked and filtering after."""
+    from mllm.evaluation import FlatIndex, recall_at_k
+
+    gen = torch.Generator().manual_seed(0)
+    memory = tiny_memory(random_documents(gen, 300), fanout=4, layout="semantic")
+    hidden = torch.arange(0, 300, 2)
+    leaves = memory.tree.emb[0][torch.randint(0, memory.num_leaves, (200,), generator=gen)]
+    query = torch.nn.functional.normalize(leaves + 0.3 * torch.randn(200, 16, generator=gen), dim=-1)[:, None]
+    for t in (2, 4, 8):
+        unmasked = memory.retrieve(query, t=t, k=10)
+        filtered = unmasked.leaf_ids.masked_fill(torch.isin(unmasked.leaf_doc, hidden), -1)
+        with memory.masked(hidden.tolist()):
+            flat = FlatIndex(memory)
+            _, exact = flat.search(query, 10)
+            masked = recall_at_k(flat.scores_of(query, memory.retrieve(query, t=t, k=10).leaf_ids), exact)
+            assert masked >= recall_at_k(flat.scores_of(query, filtered), exact)
+
+
+def test_cutting_a_level_re_encodes_the_grandparent():
+    """Found by the property test: a removal that cuts the last node of a level must reach its parent above."""
+    memory = tiny_memory([[1] * 8] * 12 + [[7]], fanout=3)  # 13 leaves -> 5 -> 2
+    memory.remove([12])  # the last leaf: level 1 shrinks to 4 nodes, so node 1 at level 2 loses a child
+    assert memory.tree.sizes() == [12, 4, 2]
+    check_tree(memory)
