@@ -1,11 +1,11 @@
 """The ``mllm`` command line: build, add, remove, query, demo, bench.
 
-    mllm build memory.mllm --stdlib                  # or: FILES... / --jsonl docs.jsonl
-    mllm add memory.mllm notes/*.txt
-    mllm remove memory.mllm 12 13
-    mllm query memory.mllm "how do I parse arguments" --t 8 --k 5
-    mllm bench memory.mllm                           # recall and latency vs exact flat search
-    mllm demo                                        # the README's main job
+mllm build memory.mllm --stdlib                  # or: FILES... / --jsonl docs.jsonl
+mllm add memory.mllm notes/*.txt
+mllm remove memory.mllm 12 13
+mllm query memory.mllm "how do I parse arguments" --t 8 --k 5
+mllm bench memory.mllm                           # recall and latency vs exact flat search
+mllm demo                                        # the README's main job
 """
 
 from __future__ import annotations
@@ -59,8 +59,11 @@ def _load(path: str):
 
     start = time.perf_counter()
     memory = HierarchicalMemory.load(path, mmap=True)  # mapped, not read into fresh buffers
-    print(f"loaded {path}: {len(memory)} documents, {memory.num_leaves} leaves, {memory.num_levels} levels "
-          f"({time.perf_counter() - start:.1f} s)", file=sys.stderr)
+    print(
+        f"loaded {path}: {len(memory)} documents, {memory.num_leaves} leaves, {memory.num_levels} levels "
+        f"({time.perf_counter() - start:.1f} s)",
+        file=sys.stderr,
+    )
     return memory
 
 
@@ -70,8 +73,14 @@ def cmd_build(args) -> None:
 
     texts, titles = _read_documents(args)
     encoder = _encoder(args.encoder)
-    config = MemoryConfig(d_model=encoder.d_model, chunk_size=args.chunk_size, fanout=args.fanout, t=args.t,
-                          key_dtype=args.key_dtype, layout=args.layout)
+    config = MemoryConfig(
+        d_model=encoder.d_model,
+        chunk_size=args.chunk_size,
+        fanout=args.fanout,
+        t=args.t,
+        key_dtype=args.key_dtype,
+        layout=args.layout,
+    )
     memory = HierarchicalMemory.build(texts, encoder, config, titles=titles, progress=True)
     memory.save(args.memory)
     print(f"built {args.memory}: {len(memory)} documents, {memory.num_leaves} chunks, {memory.num_levels} levels")
@@ -82,8 +91,10 @@ def cmd_add(args) -> None:
     texts, titles = _read_documents(args)
     ids = memory.add(texts, titles=titles, progress=True)
     memory.save(args.memory)
-    print(f"added documents {ids[0]}..{ids[-1]} ({memory.last_update.chunks_encoded} chunks encoded, "
-          f"{memory.last_update.nodes_reencoded} tree nodes re-encoded)")
+    print(
+        f"added documents {ids[0]}..{ids[-1]} ({memory.last_update.chunks_encoded} chunks encoded, "
+        f"{memory.last_update.nodes_reencoded} tree nodes re-encoded)"
+    )
 
 
 def cmd_remove(args) -> None:
@@ -111,8 +122,10 @@ def cmd_query(args) -> None:
         print(f"Q: {question}")
         for chunk in chunks:
             snippet = " ".join(memory.chunk_text(chunk).split())[:100]
-            print(f"  {chunk.score:6.3f}  doc {chunk.doc_id:<6} tokens {chunk.token_start}:{chunk.token_end:<5} "
-                  f"{memory.doc_titles[chunk.doc_id][:40]:<40}  {snippet}")
+            print(
+                f"  {chunk.score:6.3f}  doc {chunk.doc_id:<6} tokens {chunk.token_start}:{chunk.token_end:<5} "
+                f"{memory.doc_titles[chunk.doc_id][:40]:<40}  {snippet}"
+            )
     print("latency per level (top to bottom): " + ", ".join(f"{s * 1e6:.0f} us" for s in result.level_seconds))
 
 
@@ -129,8 +142,10 @@ def cmd_bench(args) -> None:
     noise = torch.nn.functional.normalize(torch.randn(args.queries, memory.config.d_model, generator=generator), dim=-1)
     query = torch.nn.functional.normalize(memory.tree.emb[0][picked] + args.noise * noise, dim=-1)
     rows, flat_us = evaluate(memory, query[:, None], args.beams, k=args.k)
-    print(f"{memory.num_leaves} leaves, {memory.num_levels} levels, fanout {memory.config.fanout}, "
-          f"{args.queries} queries, batch 1, layout {memory.config.layout}")
+    print(
+        f"{memory.num_leaves} leaves, {memory.num_levels} levels, fanout {memory.config.fanout}, "
+        f"{args.queries} queries, batch 1, layout {memory.config.layout}"
+    )
     print(f"{'t':>4} {f'recall@{args.k}':>10} {'us/query':>9}")
     for row in rows:
         print(f"{row.t:>4} {row.recall:>10.3f} {row.us_per_query:>9.1f}")
@@ -145,8 +160,9 @@ def _add_document_arguments(parser) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    main_parser = argparse.ArgumentParser(prog="mllm", description=__doc__,
-                                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    main_parser = argparse.ArgumentParser(
+        prog="mllm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = main_parser.add_subparsers(dest="command", required=True)
 
     build = commands.add_parser("build", help="build a memory from documents and save it")

@@ -15,8 +15,19 @@ import sysconfig
 from collections.abc import Iterator
 
 # Tests, demos and vendored tools: not documentation of the library.
-_SKIPPED_DIRS = {"test", "tests", "idlelib", "turtledemo", "lib2to3", "site-packages", "dist-packages",
-                 "__pycache__", "ensurepip", "venv", "pydoc_data"}
+_SKIPPED_DIRS = {
+    "test",
+    "tests",
+    "idlelib",
+    "turtledemo",
+    "lib2to3",
+    "site-packages",
+    "dist-packages",
+    "__pycache__",
+    "ensurepip",
+    "venv",
+    "pydoc_data",
+}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,8 +38,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--eval-queries", type=int, default=200, help="sampled docstring summaries used as queries")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save", default=None, help="also save the (semantic) memory to this file")
-    parser.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
-                        help="encode in bfloat16 (auto: when the CPU has native bf16)")
+    parser.add_argument(
+        "--bf16",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="encode in bfloat16 (auto: when the CPU has native bf16)",
+    )
 
 
 def _summary(text: str) -> str:
@@ -71,18 +75,23 @@ def run(args) -> None:
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     docs = stdlib_docstrings(max_docs=args.max_docs)
-    print(f"corpus: {len(docs)} docstrings of the Python {'.'.join(map(str, __import__('sys').version_info[:3]))} "
-          f"standard library ({sum(len(d.text) for d in docs) / 1e6:.2f} M characters, {time.perf_counter() - start:.1f} s)")
+    print(
+        f"corpus: {len(docs)} docstrings of the Python {'.'.join(map(str, __import__('sys').version_info[:3]))} "
+        f"standard library ({sum(len(d.text) for d in docs) / 1e6:.2f} M characters, {time.perf_counter() - start:.1f} s)"
+    )
     bf16 = args.bf16 == "on" or (args.bf16 == "auto" and cpu_has_native_bf16())
     encoder = minilm_encoder(autocast_dtype=torch.bfloat16 if bf16 else None)
     print(f"encoder: all-MiniLM-L6-v2 (offline), {'bfloat16' if bf16 else 'float32'} compute")
-    config = MemoryConfig(d_model=encoder.d_model, chunk_size=args.chunk_size, fanout=args.fanout, layout="sequential",
-                          seed=args.seed)
+    config = MemoryConfig(
+        d_model=encoder.d_model, chunk_size=args.chunk_size, fanout=args.fanout, layout="sequential", seed=args.seed
+    )
     start = time.perf_counter()
     memory = HierarchicalMemory.build([d.text for d in docs], encoder, config, titles=[d.title for d in docs])
     sizes = " -> ".join(str(n) for n in reversed(memory.tree.sizes()))
-    print(f"built: {memory.num_leaves} chunks of <= {args.chunk_size} tokens, {memory.num_levels} levels "
-          f"({sizes} nodes, top to leaves), in {time.perf_counter() - start:.1f} s")
+    print(
+        f"built: {memory.num_leaves} chunks of <= {args.chunk_size} tokens, {memory.num_levels} levels "
+        f"({sizes} nodes, top to leaves), in {time.perf_counter() - start:.1f} s"
+    )
 
     print("\nexample questions (sequential layout, t=8):")
     _print_answers(memory, EXAMPLE_QUESTIONS, [d.text for d in docs])

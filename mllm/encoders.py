@@ -74,7 +74,13 @@ class TransformerBackbone(nn.Module):
 
     def __init__(self, vocab_size: int, d_model: int, num_layers: int = 2, heads: int = 4, max_len: int = 512):
         super().__init__()
-        self.args = dict(vocab_size=vocab_size, d_model=d_model, num_layers=num_layers, heads=heads, max_len=max_len)
+        self.args = {
+            "vocab_size": vocab_size,
+            "d_model": d_model,
+            "num_layers": num_layers,
+            "heads": heads,
+            "max_len": max_len,
+        }
         self.token_embedding = nn.Embedding(vocab_size, d_model)
         self.position_embedding = nn.Embedding(max_len, d_model)
         layer = nn.TransformerEncoderLayer(d_model, heads, 4 * d_model, dropout=0.0, batch_first=True, norm_first=True)
@@ -83,7 +89,9 @@ class TransformerBackbone(nn.Module):
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor):
         if ids.shape[1] > self.position_embedding.num_embeddings:
-            raise ValueError(f"TransformerBackbone: chunks of {ids.shape[1]} tokens exceed max_len {self.args['max_len']}")
+            raise ValueError(
+                f"TransformerBackbone: chunks of {ids.shape[1]} tokens exceed max_len {self.args['max_len']}"
+            )
         valid = torch.arange(ids.shape[1], device=ids.device) < lengths[:, None]
         positions = torch.arange(ids.shape[1], device=ids.device)
         hidden = self.token_embedding(ids) + self.position_embedding(positions)
@@ -145,8 +153,15 @@ class ChunkEncoder(nn.Module):
     MiniLM encodes about 1.7x faster, with embeddings within 1e-4 cosine of float32.
     """
 
-    def __init__(self, backbone: nn.Module, tokenizer, d_model: int, heads: int = 1, normalize: bool = True,
-                 autocast_dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        tokenizer,
+        d_model: int,
+        heads: int = 1,
+        normalize: bool = True,
+        autocast_dtype: torch.dtype | None = None,
+    ):
         super().__init__()
         self.backbone = backbone
         self.tokenizer = tokenizer
@@ -155,8 +170,16 @@ class ChunkEncoder(nn.Module):
         self.autocast_dtype = autocast_dtype
 
     @classmethod
-    def from_scratch(cls, d_model: int = 256, num_layers: int = 2, heads: int = 4, cls_heads: int = 1,
-                     max_len: int = 512, tokenizer=None, normalize: bool = True) -> ChunkEncoder:
+    def from_scratch(
+        cls,
+        d_model: int = 256,
+        num_layers: int = 2,
+        heads: int = 4,
+        cls_heads: int = 1,
+        max_len: int = 512,
+        tokenizer=None,
+        normalize: bool = True,
+    ) -> ChunkEncoder:
         """A transformer chunk encoder with fresh weights (byte tokenizer unless one is given)."""
         from .tokenizers import ByteTokenizer
 
@@ -170,7 +193,9 @@ class ChunkEncoder(nn.Module):
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         if ids.dim() != 2 or lengths.shape != ids.shape[:1]:
-            raise ValueError(f"ChunkEncoder: ids must be [C, L] and lengths [C], got {tuple(ids.shape)} and {tuple(lengths.shape)}")
+            raise ValueError(
+                f"ChunkEncoder: ids must be [C, L] and lengths [C], got {tuple(ids.shape)} and {tuple(lengths.shape)}"
+            )
         if ids.shape[0] and int(lengths.min()) < 1:
             raise ValueError("ChunkEncoder: every chunk needs at least one token")
         with torch.autocast(ids.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
@@ -188,8 +213,9 @@ class LevelEncoder(nn.Module):
     and the CLS query starts at zero, so a fresh LevelEncoder returns the normalised mean.
     """
 
-    def __init__(self, d_model: int, fanout: int, num_layers: int = 0, heads: int = 4, cls_heads: int = 1,
-                 normalize: bool = True):
+    def __init__(
+        self, d_model: int, fanout: int, num_layers: int = 0, heads: int = 4, cls_heads: int = 1, normalize: bool = True
+    ):
         super().__init__()
         self.fanout = fanout
         self.layers = nn.ModuleList(_identity_layer(d_model, heads) for _ in range(num_layers))

@@ -60,7 +60,7 @@ def seconds_per_query(fn, queries: torch.Tensor, rounds: int = 3) -> float:
     for _ in range(rounds):
         start = time.perf_counter()
         for i in range(queries.shape[0]):
-            fn(queries[i:i + 1])
+            fn(queries[i : i + 1])
         times.append((time.perf_counter() - start) / queries.shape[0])
     return sorted(times)[len(times) // 2]
 
@@ -74,8 +74,9 @@ class RecallRow:
 
 
 @torch.no_grad()
-def evaluate(memory: HierarchicalMemory, query: torch.Tensor, beams: list[int], k: int = 10,
-             rounds: int = 3) -> tuple[list[RecallRow], float]:
+def evaluate(
+    memory: HierarchicalMemory, query: torch.Tensor, beams: list[int], k: int = 10, rounds: int = 3
+) -> tuple[list[RecallRow], float]:
     """Recall@k and batch-1 latency of the descent at each beam ``t`` (``k`` leaves returned), and flat search's latency.
 
     ``query [B, P, D]``: encoded query chunks. Returns ``(rows, flat_us_per_query)``.
@@ -85,7 +86,7 @@ def evaluate(memory: HierarchicalMemory, query: torch.Tensor, beams: list[int], 
     rows = []
     for t in beams:
         found = memory.retrieve(query, t=t, k=k).leaf_ids
-        seconds = seconds_per_query(lambda q: memory.retrieve(q, t=t, k=k), query, rounds)
+        seconds = seconds_per_query(lambda q, t=t: memory.retrieve(q, t=t, k=k), query, rounds)
         recall = recall_at_k(flat.scores_of(query, found), exact_scores)
         rows.append(RecallRow(memory.config.layout, t, recall, seconds * 1e6))
     flat_seconds = seconds_per_query(lambda q: flat.search(q, k), query, rounds)

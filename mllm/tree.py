@@ -34,8 +34,8 @@ def append_rows(buffers: dict, key, current: torch.Tensor, rows: torch.Tensor) -
         buffer = current.new_zeros((max(n + m, n + n // 2),) + tuple(current.shape[1:]))
         buffer[:n] = current
         buffers[key] = buffer
-    buffer[n:n + m] = rows
-    return buffer[:n + m]
+    buffer[n : n + m] = rows
+    return buffer[: n + m]
 
 
 class Tree:
@@ -107,8 +107,10 @@ class Tree:
             n_child, n_parent = self.emb[height].shape[0], -(-self.emb[height].shape[0] // fanout)
             if height + 1 == len(self.emb):
                 if height + 2 > self.config.max_levels:
-                    raise RuntimeError(f"HierarchicalMemory: {n_child} nodes at height {height + 1} need more than "
-                                       f"max_levels={self.config.max_levels} levels; raise max_levels or fanout")
+                    raise RuntimeError(
+                        f"HierarchicalMemory: {n_child} nodes at height {height + 1} need more than "
+                        f"max_levels={self.config.max_levels} levels; raise max_levels or fanout"
+                    )
                 self._resize(height + 1, 0)
             old = self.emb[height + 1].shape[0]
             # Changed at height + 1: the parents of changed or cut children, and the new or cut parents.
@@ -120,7 +122,7 @@ class Tree:
             encoded += parents.numel()
             dirty, height = changed, height + 1
         for values in (self.emb, self.keys, self.live):
-            del values[height + 1:]
+            del values[height + 1 :]
         for key in [key for key in self._buffers if key[1] > height]:
             del self._buffers[key]
         return encoded
@@ -136,8 +138,12 @@ class Tree:
                 values[height][size:] = 0  # cut nodes may stay in a buffer's spare rows: leave nothing of them
                 values[height] = values[height][:size]
             return
-        self._append(height, self.emb[height].new_zeros(grow, self.config.d_model),
-                     self.keys[height].new_zeros(grow, self.config.d_model), self.live[height].new_zeros(grow))
+        self._append(
+            height,
+            self.emb[height].new_zeros(grow, self.config.d_model),
+            self.keys[height].new_zeros(grow, self.config.d_model),
+            self.live[height].new_zeros(grow),
+        )
 
     def _append(self, height: int, emb: torch.Tensor, keys: torch.Tensor, live: torch.Tensor) -> None:
         for name, values, rows in (("emb", self.emb, emb), ("keys", self.keys, keys), ("live", self.live, live)):

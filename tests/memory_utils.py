@@ -18,14 +18,25 @@ def random_documents(generator: torch.Generator, count: int, max_tokens: int = 4
     return [torch.randint(0, 256, (int(n),), generator=generator).tolist() for n in lengths]
 
 
-def tiny_memory(documents, *, fanout: int = 4, chunk_size: int = 8, layout: str = "sequential",
-                key_dtype: str = "float32", d_model: int = 16, **config) -> HierarchicalMemory:
-    config = MemoryConfig(d_model=d_model, chunk_size=chunk_size, fanout=fanout, key_dtype=key_dtype, layout=layout,
-                          **config)
+def tiny_memory(
+    documents,
+    *,
+    fanout: int = 4,
+    chunk_size: int = 8,
+    layout: str = "sequential",
+    key_dtype: str = "float32",
+    d_model: int = 16,
+    **config,
+) -> HierarchicalMemory:
+    config = MemoryConfig(
+        d_model=d_model, chunk_size=chunk_size, fanout=fanout, key_dtype=key_dtype, layout=layout, **config
+    )
     return HierarchicalMemory.build(documents, tiny_encoder(d_model), config, progress=False)
 
 
-def normalized_mean_parents(children: torch.Tensor, live: torch.Tensor, fanout: int) -> tuple[torch.Tensor, torch.Tensor]:
+def normalized_mean_parents(
+    children: torch.Tensor, live: torch.Tensor, fanout: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The untrained level encoder, written out: each parent is the normalised mean of its live children."""
     pad = (-children.shape[0]) % fanout
     groups = torch.nn.functional.pad(children * live[:, None], (0, 0, 0, pad)).view(-1, fanout, children.shape[1])

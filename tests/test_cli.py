@@ -10,8 +10,9 @@ from mllm.cli import main
 
 def test_build_add_remove_query_bench(tmp_path, capsys):
     docs = tmp_path / "docs.jsonl"
-    docs.write_text("\n".join(json.dumps({"title": f"doc{i}", "text": f"document number {i} " * (i % 5 + 1)})
-                              for i in range(40)))
+    docs.write_text(
+        "\n".join(json.dumps({"title": f"doc{i}", "text": f"document number {i} " * (i % 5 + 1)}) for i in range(40))
+    )
     note = tmp_path / "note.txt"
     note.write_text("a note about cats and dogs")
     memory_path = str(tmp_path / "m.mllm")

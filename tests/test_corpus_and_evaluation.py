@@ -15,7 +15,8 @@ def test_stdlib_docstrings_are_read_without_importing(tmp_path):
     (package / "mod.py").write_text(
         'raise SystemExit("never executed")\n'
         'def f():\n    """Function f does something useful with its arguments."""\n'
-        'class C:\n    """A class."""\n    def m(self):\n        """Method m of class C, documented at length."""\n')
+        'class C:\n    """A class."""\n    def m(self):\n        """Method m of class C, documented at length."""\n'
+    )
     (package / "broken.py").write_text("def (:\n")
     (tmp_path / "test").mkdir()
     (tmp_path / "test" / "x.py").write_text('"""A test module docstring that is long enough to count."""\n')

@@ -31,8 +31,11 @@ def test_unloadable_library_is_explained(monkeypatch):
     def broken_import(name):
         raise OSError("undefined symbol: _ZN3c104impl")
 
-    monkeypatch.setattr(_loader.importlib, "import_module",
-                        lambda name: sys.modules[name] if name.endswith("_build_info") else broken_import(name))
+    monkeypatch.setattr(
+        _loader.importlib,
+        "import_module",
+        lambda name: sys.modules[name] if name.endswith("_build_info") else broken_import(name),
+    )
     with pytest.raises(ImportError, match=r"could not load the compiled library mllm_kernels\._C.*undefined symbol"):
         _loader.load_library()
 

@@ -11,7 +11,7 @@ def test_untrained_encoders_pool_as_a_mean():
     encoder = tiny_encoder()
     ids = torch.randint(0, 256, (3, 7))
     lengths = torch.tensor([7, 2, 5])
-    hidden, valid = encoder.backbone(ids, lengths)
+    hidden, _ = encoder.backbone(ids, lengths)
     expected = torch.stack([hidden[c, : int(n)].mean(0) for c, n in enumerate(lengths)])
     torch.testing.assert_close(encoder(ids, lengths), torch.nn.functional.normalize(expected, dim=-1))
 
@@ -135,7 +135,7 @@ def test_masked_hides_documents_and_their_parents(gen):
                 assert bool(mask[ids[ids >= 0]].all())
             assert all(len(chunks) == (4 if t > 60 else len(chunks)) and chunks for chunks in result.chunks)
         full = memory.retrieve(queries, t=10_000, k=5)
-        exact_ids, exact_scores = exhaustive_search(memory, queries, 5, leaves)
+        _, exact_scores = exhaustive_search(memory, queries, 5, leaves)
         torch.testing.assert_close(full.scores[-1], exact_scores)
     assert memory.visible_masks() is None
     assert {c.doc_id for c in memory.retrieve(queries[:20], t=10_000, k=1).chunks[0]} <= set(range(60))
@@ -148,9 +148,8 @@ def test_masked_nests_and_checks_ids(gen):
             assert set(memory._masked) == {1, 2, 3}
         assert set(memory._masked) == {1, 2}
     assert not memory._masked
-    with pytest.raises(KeyError, match="masked: unknown doc_ids"):
-        with memory.masked([99]):
-            pass
+    with pytest.raises(KeyError, match="masked: unknown doc_ids"), memory.masked([99]):
+        pass
 
 
 @pytest.mark.parametrize("key_dtype", ["float32", "float16", "bfloat16"])
@@ -173,7 +172,7 @@ def test_retrieve_backtracks_chunks(gen):
     for chunks in result.chunks:
         assert [c.score for c in chunks] == sorted((c.score for c in chunks), reverse=True)
         for chunk in chunks:
-            tokens = docs[chunk.doc_id][chunk.token_start:chunk.token_end]
+            tokens = docs[chunk.doc_id][chunk.token_start : chunk.token_end]
             assert 0 < len(tokens) <= 8
             assert memory.chunk_text(chunk) == memory.encoder.tokenizer.decode(tokens)
     # the first query is exactly chunk 0 of document 3: a full beam finds it first, with score 1

@@ -86,8 +86,12 @@ class MemoryMachine(RuleBasedStateMachine):
 
     @invariant()
     def retrieval_matches_the_model(self):
-        visible = {(d, span): e for d, spans in self.chunks.items() if d not in self.hidden() for span, e in spans.items()}
-        queries = torch.nn.functional.normalize(torch.randn(3, 16, generator=torch.Generator().manual_seed(len(visible))), dim=-1)
+        visible = {
+            (d, span): e for d, spans in self.chunks.items() if d not in self.hidden() for span, e in spans.items()
+        }
+        queries = torch.nn.functional.normalize(
+            torch.randn(3, 16, generator=torch.Generator().manual_seed(len(visible))), dim=-1
+        )
         if visible:
             queries = torch.cat([queries, torch.stack(list(visible.values()))[:5]])
         excluded = (set(range(self.memory.next_doc_id)) - set(self.chunks)) | self.hidden()

