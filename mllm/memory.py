@@ -261,6 +261,13 @@ class HierarchicalMemory(nn.Module):
         self.leaf_doc, self.leaf_span = doc, span
         self.last_update = UpdateStats(0, self._repair(torch.arange(emb.shape[0])))
 
+    def reindex(self) -> None:
+        """Recompute every key and every level above the leaves after the level encoders or the
+        ranker changed (e.g. after training). Leaf order, ids and tombstones stay; no chunk is re-encoded.
+        """
+        self.tree.set_leaves(self.tree.emb[0], self.tree.live[0])
+        self.last_update = UpdateStats(0, self._repair(torch.arange(self.tree.num_leaves)))
+
     def _repair(self, dirty: torch.Tensor) -> int:
         encoded = self.tree.repair(dirty)
         self.leaf_doc = self.leaf_doc[: self.tree.num_leaves]

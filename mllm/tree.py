@@ -1,8 +1,9 @@
 """The implicit tree of a memory: embeddings, keys and liveness per level, and its repair.
 
-Levels are kept by **height** (index 0 = the leaves) because the tree grows at the top. The
-children of node i at height h+1 are nodes ``[i*fanout, min((i+1)*fanout, N_h))`` at height h, so
-``N_{h+1} = ceil(N_h / fanout)``; the top level holds at most ``fanout`` nodes.
+Levels are kept bottom up (list index 0 = the leaves, i.e. ranker **height** index + 1) because
+the tree grows at the top. The children of node i at index h+1 are nodes
+``[i*fanout, min((i+1)*fanout, N_h))`` at index h, so ``N_{h+1} = ceil(N_h / fanout)``; the top
+level holds at most ``fanout`` nodes.
 
 Removed leaves become tombstones (zeroed embedding and key, not live) so that the other leaves
 keep their ids and their siblings; a parent whose children are all dead is dead too, and dead
@@ -62,8 +63,9 @@ class Tree:
     def sizes(self) -> list[int]:
         return [e.shape[0] for e in self.emb]
 
-    def _keys_of(self, emb: torch.Tensor, height: int, live: torch.Tensor) -> torch.Tensor:
-        keys = self.ranker.keys(emb, height).to(self.config.key_torch_dtype)
+    def _keys_of(self, emb: torch.Tensor, index: int, live: torch.Tensor) -> torch.Tensor:
+        """Keys of nodes at list index ``index`` (0 = leaves), i.e. ranker height ``index + 1``."""
+        keys = self.ranker.keys(emb, index + 1).to(self.config.key_torch_dtype)
         keys[~live] = 0
         return keys
 
@@ -72,7 +74,7 @@ class Tree:
         """Add leaves at the right edge; returns their ids (the dirty leaves for ``repair``)."""
         start = self.num_leaves
         live = torch.ones(emb.shape[0], dtype=torch.bool)
-        self._append(0, emb.float(), self._keys_of(emb, 1, live), live)
+        self._append(0, emb.float(), self._keys_of(emb, 0, live), live)
         return torch.arange(start, self.num_leaves)
 
     @torch.no_grad()
@@ -88,7 +90,7 @@ class Tree:
         emb = emb.float().clone()
         emb[~live] = 0
         self.emb, self.live = [emb], [live.clone()]
-        self.keys = [self._keys_of(emb, 1, live)]
+        self.keys = [self._keys_of(emb, 0, live)]
         self._buffers.clear()
 
     @torch.no_grad()
@@ -150,9 +152,12 @@ class Tree:
             values[height] = append_rows(self._buffers, (name, height), values[height], rows)
 
     def _encode_parents(self, height: int, parents: torch.Tensor) -> None:
-        """Encode the nodes ``parents`` of level ``height`` from their live children."""
+        """Encode the nodes ``parents`` at list index ``height`` from their live children.
+
+        ``level_encoders[i]`` builds index ``i + 1`` (ranker height ``i + 2``) from index ``i``.
+        """
         fanout = self.config.fanout
-        encoder = self.level_encoders[height - 2]
+        encoder = self.level_encoders[height - 1]
         below_emb, below_live = self.emb[height - 1], self.live[height - 1]
         for batch in parents.split(_PARENTS_PER_CALL):
             children = batch[:, None] * fanout + torch.arange(fanout)

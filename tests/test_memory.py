@@ -288,3 +288,24 @@ def test_cutting_a_level_re_encodes_the_grandparent():
     memory.remove([12])  # the last leaf: level 1 shrinks to 4 nodes, so node 1 at level 2 loses a child
     assert memory.tree.sizes() == [12, 4, 2]
     check_tree(memory)
+
+
+def test_reindex_follows_changed_weights(gen):
+    memory = tiny_memory(random_documents(gen, 50), fanout=4)
+    memory.remove([3])
+    with torch.no_grad():
+        memory.ranker.key_proj[0].weight.mul_(2)
+    stale = memory.tree.keys[0].clone()
+    memory.reindex()
+    check_tree(memory)  # keys agree with the new key projection
+    assert not torch.equal(stale, memory.tree.keys[0])
+    assert not memory.tree.live[0][memory.leaf_doc == -1].any()
+
+    with torch.no_grad():
+        memory.level_encoders[0].readout.query.add_(torch.randn(1, 16, generator=gen))
+    memory.reindex()
+    leaves, live = memory.tree.emb[0], memory.tree.live[0]
+    full = [p for p in range(memory.tree.sizes()[1]) if live[p * 4 : p * 4 + 4].all() and p * 4 + 4 <= len(live)]
+    children = torch.cat([leaves[p * 4 : p * 4 + 4] for p in full])
+    expected = memory.level_encoders[0](children, torch.arange(len(full) + 1) * 4)
+    torch.testing.assert_close(memory.tree.emb[1][full], expected.detach())
