@@ -64,7 +64,7 @@ def _insert(
     tokenizer, pieces: list[list[int]], needles: list[tuple[float, str]]
 ) -> tuple[list[int], list[tuple[int, int]]]:
     """Join filler ``pieces`` with each needle text inserted at its relative depth; returns ids and needle spans."""
-    cuts = sorted((int(round(depth * len(pieces))), i) for i, (depth, _) in enumerate(needles))
+    cuts = sorted((round(depth * len(pieces)), i) for i, (depth, _) in enumerate(needles))
     texts = tokenizer.encode([text for _, text in needles])
     ids, spans, cut = [], [None] * len(needles), 0
     for position, piece in enumerate(pieces + [[]]):
