@@ -9,12 +9,15 @@ The module layer over the fused ops of ``mllm_kernels``:
   and score by cosine, which already gives a usable hierarchy.
 - ``HierarchicalMemory``: build, ``add``, ``remove``, ``masked``, ``retrieve``, ``save``/``load``.
 - ``pretrained_encoder`` / ``minilm_encoder``: the offline all-MiniLM-L6-v2 chunk encoder.
+- ``MemoryAugmentedLM``: a Hugging Face causal LM reading the retrieved embeddings of every level
+  as a projected soft prefix; ``train_projector`` tunes the projector.
 
 The command line is ``mllm`` (or ``python -m mllm``): build, add, remove, query, demo, bench.
 """
 
 from .config import MemoryConfig
 from .encoders import ChunkEncoder, LevelEncoder
+from .lm import MemoryAugmentedLM, MemoryProjector, train_projector
 from .memory import HierarchicalMemory, UpdateStats
 from .pretrained import minilm_encoder, pretrained_encoder
 from .ranker import DecoderRanker
@@ -26,11 +29,14 @@ __all__ = [
     "DecoderRanker",
     "HierarchicalMemory",
     "LevelEncoder",
+    "MemoryAugmentedLM",
     "MemoryConfig",
     "MemoryFileError",
+    "MemoryProjector",
     "RetrievalResult",
     "RetrievedChunk",
     "UpdateStats",
     "minilm_encoder",
     "pretrained_encoder",
+    "train_projector",
 ]
