@@ -94,7 +94,8 @@ def run(args) -> None:
     )
 
     print("\nexample questions (sequential layout, t=8):")
-    _print_answers(memory, EXAMPLE_QUESTIONS, [d.text for d in docs])
+    texts = [d.text for d in docs]
+    _print_answers(memory, EXAMPLE_QUESTIONS, texts)
 
     picked = random.Random(args.seed).sample(range(len(docs)), min(args.eval_queries, len(docs)))
     questions = EXAMPLE_QUESTIONS + [_summary(docs[i].text) for i in picked]
@@ -106,7 +107,7 @@ def run(args) -> None:
     print(f"\nre-ordered the leaves into the semantic layout in {time.perf_counter() - start:.1f} s")
     semantic_rows, semantic_flat_us = evaluate(memory, query, args.beams)
     print("\nexample questions (semantic layout, t=8):")
-    _print_answers(memory, EXAMPLE_QUESTIONS[:2], [d.text for d in docs])
+    _print_answers(memory, EXAMPLE_QUESTIONS[:2], texts)
 
     print(f"\nrecall@10 against exact flat search over {memory.num_leaves} leaves, {len(questions)} queries, batch 1:")
     print(f"  {'layout':<11} {'t':>3} {'recall@10':>9} {'us/query':>9}")

@@ -337,7 +337,7 @@ class HierarchicalMemory(nn.Module):
         keys = [self.tree.keys[h - 1] for h in heights]
         masks = self.visible_masks()
         if profile:
-            selected, seconds = self._descend_levels(probes, keys, beams, masks, backend)
+            selected, seconds = self.descend_levels(probes, keys, beams, masks, backend)
         else:
             selected = mk.descend_tree(
                 probes, keys, self.config.fanout, beams, reduce=self.config.reduce, masks=masks, backend=backend
@@ -346,7 +346,12 @@ class HierarchicalMemory(nn.Module):
         ids, scores = [s[0] for s in selected], [s[1] for s in selected]
         return RetrievalResult(ids, scores, *self._backtrack(ids[-1]), seconds)
 
-    def _descend_levels(self, probes, keys, beams, masks, backend):
+    def descend_levels(self, probes, keys, beams, masks, backend):
+        """One ``descend`` per level from a virtual root over the top level, timing each.
+
+        ``probes``, ``keys``, ``beams`` and ``masks`` (or None) are per level, top to bottom, and may
+        stop above the leaves. Returns ``([(ids, scores), ...], seconds per level)``.
+        """
         parents = torch.zeros(probes[0].shape[0], 1, dtype=torch.int64)  # a virtual root over the top level
         selected, seconds = [], []
         for level, (p, k, beam) in enumerate(zip(probes, keys, beams)):

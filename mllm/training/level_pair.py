@@ -34,8 +34,6 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-import mllm_kernels as mk
-
 __all__ = [
     "LevelPairConfig",
     "hit_rate",
@@ -175,24 +173,18 @@ def _beam_parents(memory, query: torch.Tensor, level: int, t: int) -> torch.Tens
     Above the top there is nothing to descend: a virtual root (node 0, whose ``fanout`` children
     cover the whole top level) stands for the parent level, as in ``retrieve(profile=True)``.
     """
-    batch, levels, fanout = query.shape[0], memory.num_levels, memory.config.fanout
-    parents = torch.zeros(batch, 1, dtype=torch.int64, device=query.device)
-    heights = list(range(levels, level + 1, -1))  # top .. level+2, empty when level+1 is the top
+    heights = list(range(memory.num_levels, level + 1, -1))  # top .. level+2, empty when level+1 is the top
     if not heights:
-        return parents
+        return torch.zeros(query.shape[0], 1, dtype=torch.int64, device=query.device)
     masks = memory.visible_masks()
-    probes = memory.ranker.probes_for(query, heights)
-    for height, probe in zip(heights, probes):
-        parents, _ = mk.descend(
-            probe,
-            memory.tree.keys[height - 1],
-            parents,
-            fanout,
-            t,
-            reduce=memory.config.reduce,
-            mask=None if masks is None else masks[levels - height],
-        )
-    return parents
+    selected, _ = memory.descend_levels(
+        memory.ranker.probes_for(query, heights),
+        [memory.tree.keys[h - 1] for h in heights],
+        [t] * len(heights),
+        None if masks is None else masks[: len(heights)],
+        "auto",
+    )
+    return selected[-1][0]
 
 
 def _with_gold(parents: torch.Tensor, gold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
