@@ -1,4 +1,4 @@
-"""The ``mllm`` command line: build, add, remove, query, demo, bench.
+"""The ``mllm`` command line: build, add, remove, query, bench, train, demo.
 
 mllm build memory.mllm --stdlib                  # or: FILES... / --jsonl docs.jsonl
 mllm add memory.mllm notes/*.txt
@@ -6,6 +6,7 @@ mllm remove memory.mllm 12 13
 mllm query memory.mllm "how do I parse arguments" --t 8 --k 5
 mllm bench memory.mllm                           # recall and latency vs exact flat search
 mllm demo                                        # the README's main job
+mllm train autoencoder | needles | lm            # the training experiments (checkpointed, resumable)
 """
 
 from __future__ import annotations
@@ -152,6 +153,16 @@ def cmd_bench(args) -> None:
     print(f"{'flat':>4} {1.0:>10.3f} {flat_us:>9.1f}")
 
 
+def _training_module(name: str):
+    import importlib
+
+    return importlib.import_module(f".training.{name}", __package__)
+
+
+def _training_command(name: str):
+    return lambda args: _training_module(name).run(args)
+
+
 def _add_document_arguments(parser) -> None:
     parser.add_argument("files", nargs="*", help="text files, one document each")
     parser.add_argument("--jsonl", help="a JSON-lines file of {'text': ..., 'title': ...}")
@@ -203,6 +214,21 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--noise", type=float, default=0.5, help="query = normalise(chunk + noise * random unit)")
     bench.add_argument("--seed", type=int, default=0)
     bench.set_defaults(run=cmd_bench)
+
+    train = commands.add_parser("train", help="training experiments, with progress, checkpoints and resume")
+    experiments = train.add_subparsers(dest="experiment", required=True)
+    for name, module, help_text in (
+        ("autoencoder", "convergence", "the seed's convergence experiment: reconstruct chunks from their embedding"),
+        (
+            "needles",
+            "needles",
+            "rankers trained on key-value haystacks; passkey and key-value retrieval by size and depth",
+        ),
+        ("lm", "passkey_lm", "a small LM answering passkey questions from memory, against one without"),
+    ):
+        experiment = experiments.add_parser(name, help=help_text)
+        experiment.set_defaults(run=_training_command(module), experiment_module=module)
+        _training_module(module).add_arguments(experiment)
 
     demo_parser = commands.add_parser("demo", help="a memory over the standard library's docs with MiniLM")
     demo.add_arguments(demo_parser)

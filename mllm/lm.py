@@ -159,22 +159,27 @@ class MemoryAugmentedLM(nn.Module):
             queries = queries.detach().to(self.memory.tree.emb[0].device)
         return self.memory.retrieve(queries, t=self.t, k=self.k)
 
-    def memory_embeddings(self, queries) -> tuple[torch.Tensor, torch.Tensor]:
-        """The projected memory prefix for a batch of B queries.
+    def gather(self, queries, memory: HierarchicalMemory | None = None):
+        """Retrieve for a batch of B queries and gather the selected nodes' embeddings, unprojected.
 
         Args:
             queries: what ``memory.encode_queries`` accepts: texts, token-id sequences of the
                 memory's tokenizer, or query embeddings ``[B, D]`` / ``[B, P, D]``.
+            memory: the memory to read (default: ``self.memory``); e.g. one memory per example
+                when each example has its own haystack.
 
         Returns:
-            ``(embeddings [B, M, H], valid [B, M] bool)``: the nodes retrieved at every read level,
-            coarse (top) to fine (leaves), each level's beam in the memory's order (best first);
-            ``M = sum of the beams``. The embeddings have the projector's dtype and device and are
-            zero where ``valid`` is False (no node). Gradients reach the projector only: the
-            gathered level embeddings are detached float32.
+            ``(embeddings [B, M, D] float32, heights [M] int64, valid [B, M] bool)``: the nodes
+            retrieved at every read level, coarse (top) to fine (leaves), each level's beam best
+            first; ``M = sum of the beams``; zero where ``valid`` is False (no node). Detached:
+            the memory is read without gradient. Can be computed once and passed to ``forward``
+            as ``gathered=`` while the memory and its ranker do not change.
         """
-        result = self.retrieve(queries)
-        levels = self.memory.num_levels
+        memory = self.memory if memory is None else memory
+        if isinstance(queries, torch.Tensor) and queries.is_floating_point():
+            queries = queries.detach().to(memory.tree.emb[0].device)
+        result = memory.retrieve(queries, t=self.t, k=self.k)
+        levels = memory.num_levels
         if levels == 0:
             raise ValueError("MemoryAugmentedLM: the memory is empty; add documents before reading it")
         first = levels - min(levels, self.max_levels or levels)  # index in result.ids (top -> bottom)
@@ -182,15 +187,30 @@ class MemoryAugmentedLM(nn.Module):
         with torch.no_grad():
             for j in range(first, levels):
                 ids, height = result.ids[j], levels - j
-                table = self.memory.tree.emb[height - 1]
+                table = memory.tree.emb[height - 1]
                 ok = ids >= 0
                 gathered.append(table[ids.clamp(min=0).to(table.device)].float() * ok[..., None].to(table.device))
                 heights.append(torch.full((ids.shape[1],), height, dtype=torch.int64))
                 valid.append(ok)
+        return torch.cat(gathered, 1).detach(), torch.cat(heights), torch.cat(valid, 1)
+
+    def memory_embeddings(self, queries=None, gathered=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The projected memory prefix for a batch of B queries (or of ``gathered``, see ``gather``).
+
+        Returns:
+            ``(embeddings [B, M, H], valid [B, M] bool)`` in ``gather``'s slot order, with the
+            projector's dtype and device, zero where ``valid`` is False (no node). Gradients reach
+            the projector only.
+        """
+        embeddings, heights, valid = self.gather(queries) if gathered is None else gathered
+        if embeddings.dim() != 3 or valid.shape != embeddings.shape[:2] or heights.shape[-1] != embeddings.shape[1]:
+            raise ValueError(
+                "MemoryAugmentedLM: gathered must be (embeddings [B, M, D], heights [M] or [B, M], valid [B, M]), got "
+                f"{tuple(embeddings.shape)}, {tuple(heights.shape)}, {tuple(valid.shape)}"
+            )
         device = self.projector.net[0].weight.device
-        gathered = torch.cat(gathered, 1).detach().to(device)
-        valid = torch.cat(valid, 1).to(device)
-        projected = self.projector(gathered, torch.cat(heights).to(device))
+        valid = valid.to(device)
+        projected = self.projector(embeddings.detach().to(device), heights.to(device))
         return projected * valid[..., None].to(projected.dtype), valid
 
     # ---------------------------------------------------------------------------------------- inputs
@@ -210,9 +230,12 @@ class MemoryAugmentedLM(nn.Module):
         return texts
 
     def prepare_inputs(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, memory_queries=None
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, memory_queries=None, gathered=None
     ) -> dict[str, torch.Tensor]:
         """The LM's inputs for ``[memory prefix, prompt]``, ready for ``lm(**inputs)``.
+
+        The prefix comes from ``gathered`` (what ``gather`` returned for these rows) when given,
+        else from retrieving ``memory_queries``.
 
         Returns a dict with ``inputs_embeds [B, M + T, H]`` (the LM's embedding dtype),
         ``attention_mask [B, M + T]`` (the prompt mask's dtype; invalid memory slots are 0 and
@@ -229,11 +252,20 @@ class MemoryAugmentedLM(nn.Module):
                 f"MemoryAugmentedLM: attention_mask is {tuple(attention_mask.shape)} but input_ids is "
                 f"{tuple(input_ids.shape)}"
             )
-        queries = self._queries(input_ids, attention_mask, memory_queries)
-        count = 1 if isinstance(queries, str) else len(queries)
-        if count != batch:
-            raise ValueError(f"MemoryAugmentedLM: memory_queries has {count} queries but input_ids has {batch} rows")
-        memory, valid = self.memory_embeddings(queries)
+        if gathered is None:
+            queries = self._queries(input_ids, attention_mask, memory_queries)
+            count = 1 if isinstance(queries, str) else len(queries)
+            if count != batch:
+                raise ValueError(
+                    f"MemoryAugmentedLM: memory_queries has {count} queries but input_ids has {batch} rows"
+                )
+            memory, valid = self.memory_embeddings(queries)
+        else:
+            if memory_queries is not None:
+                raise ValueError("MemoryAugmentedLM: pass memory_queries or gathered, not both")
+            memory, valid = self.memory_embeddings(gathered=gathered)
+            if memory.shape[0] != batch:
+                raise ValueError(f"MemoryAugmentedLM: gathered has {memory.shape[0]} rows but input_ids has {batch}")
         # Invalid slots to the very left, valid ones after them in their coarse-to-fine order (a
         # stable sort): the invalid slots then act exactly like left padding.
         order = torch.argsort(valid.to(torch.int8), dim=1, stable=True)
@@ -264,6 +296,7 @@ class MemoryAugmentedLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         memory_queries=None,
+        gathered=None,
         **kwargs,
     ):
         """Run the LM on ``[memory prefix, prompt]``.
@@ -276,6 +309,7 @@ class MemoryAugmentedLM(nn.Module):
                 the first prompt token's label is predicted from the last memory slot.
             memory_queries: the queries of the memory, one per row (see ``memory_embeddings``);
                 default: the decoded prompt, which needs ``tokenizer=`` in the constructor.
+            gathered: instead of ``memory_queries``, the output of ``gather`` for these rows.
             **kwargs: passed to the LM (not ``inputs_embeds`` or ``position_ids``).
 
         Returns:
@@ -283,7 +317,7 @@ class MemoryAugmentedLM(nn.Module):
             positions are the prompt's, and ``loss`` when ``labels`` are given.
         """
         self._reject(kwargs, ("inputs_embeds", "position_ids"), "forward")
-        inputs = self.prepare_inputs(input_ids, attention_mask, memory_queries)
+        inputs = self.prepare_inputs(input_ids, attention_mask, memory_queries, gathered)
         memory_len = inputs["inputs_embeds"].shape[1] - input_ids.shape[1]
         if labels is not None:
             if labels.shape != input_ids.shape:
@@ -301,6 +335,7 @@ class MemoryAugmentedLM(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         memory_queries=None,
+        gathered=None,
         **generate_kwargs,
     ):
         """Generate after ``[memory prefix, prompt]`` with ``lm.generate(inputs_embeds=..., ...)``.
@@ -312,7 +347,8 @@ class MemoryAugmentedLM(nn.Module):
         """
         self._reject(generate_kwargs, ("inputs_embeds", "position_ids"), "generate")
         # Passing position_ids keeps forward's convention; generate() extends them by one per new token.
-        return self.lm.generate(**self.prepare_inputs(input_ids, attention_mask, memory_queries), **generate_kwargs)
+        inputs = self.prepare_inputs(input_ids, attention_mask, memory_queries, gathered)
+        return self.lm.generate(**inputs, **generate_kwargs)
 
 
 # ------------------------------------------------------------------------------------------ training

@@ -27,7 +27,7 @@ Document = str | Sequence[int] | torch.Tensor
 class UpdateStats:
     """What the last ``add`` / ``remove`` / ``compact`` cost: chunks encoded, tree nodes re-encoded."""
 
-    chunks_encoded: int = 0
+    chunks_encoded: int = 0  # those found in ``chunk_cache`` not counted
     nodes_reencoded: int = 0
 
 
@@ -75,6 +75,11 @@ class HierarchicalMemory(nn.Module):
         self._spare_rows: dict = {}  # spare capacity of leaf_doc / leaf_span (see append_rows)
         self._version = 0
         self.tokens_per_batch = 8192
+        # Optional {chunk token bytes: embedding} shared between memories over mostly the same text
+        # (e.g. needle tasks, which differ from one haystack to the next in a few pages only). The
+        # caller owns it and must drop it when the encoder's weights change.
+        self.chunk_cache: dict[bytes, torch.Tensor] | None = None
+        self._chunks_encoded = 0
 
     @classmethod
     def build(
@@ -84,9 +89,15 @@ class HierarchicalMemory(nn.Module):
         config: MemoryConfig | None = None,
         titles: Sequence[str] | None = None,
         progress: bool = True,
+        chunk_cache: dict | None = None,
     ) -> HierarchicalMemory:
-        """A memory over ``documents`` (texts, or token-id sequences), encoded in batches."""
+        """A memory over ``documents`` (texts, or token-id sequences), encoded in batches.
+
+        ``chunk_cache``: an optional dict of chunk embeddings by token content, read and filled
+        while encoding (see the ``chunk_cache`` attribute); chunks found in it are not encoded.
+        """
         memory = cls(encoder, config)
+        memory.chunk_cache = chunk_cache
         memory.add(documents, titles=titles, progress=progress)
         return memory
 
@@ -144,9 +155,17 @@ class HierarchicalMemory(nn.Module):
 
         lengths = offsets.diff()
         out = torch.empty(lengths.numel(), self.config.d_model)
-        order = torch.argsort(lengths, descending=True, stable=True)
+        todo, keys = torch.arange(lengths.numel()), None
+        if self.chunk_cache is not None:
+            keys = [tokens[a:b].numpy().tobytes() for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
+            cached = torch.tensor([key in self.chunk_cache for key in keys], dtype=torch.bool)
+            if cached.any():
+                hits = torch.nonzero(cached).flatten()
+                out[hits] = torch.stack([self.chunk_cache[keys[i]] for i in hits.tolist()])
+            todo = torch.nonzero(~cached).flatten()
+        order = todo[torch.argsort(lengths[todo], descending=True, stable=True)]
         pad = self.encoder.tokenizer.pad_id
-        with tqdm(total=lengths.numel(), desc="encoding chunks", unit="chunk", disable=not progress) as bar:
+        with tqdm(total=order.numel(), desc="encoding chunks", unit="chunk", disable=not progress) as bar:
             start = 0
             while start < order.numel():
                 width = int(lengths[order[start]])
@@ -158,6 +177,9 @@ class HierarchicalMemory(nn.Module):
                 out[batch] = self.encoder(ids, lengths[batch]).float()
                 start += batch.numel()
                 bar.update(batch.numel())
+        self._chunks_encoded = order.numel()
+        if keys is not None:
+            self.chunk_cache.update((keys[i], out[i].clone()) for i in todo.tolist())
         return out
 
     def encode_queries(self, queries) -> torch.Tensor:
@@ -217,7 +239,7 @@ class HierarchicalMemory(nn.Module):
         dirty = self.tree.append_leaves(emb)
         self.leaf_doc = append_rows(self._spare_rows, "leaf_doc", self.leaf_doc, torch.tensor(ids)[segment])
         self.leaf_span = append_rows(self._spare_rows, "leaf_span", self.leaf_span, span)
-        self.last_update = UpdateStats(emb.shape[0], self._repair(dirty))
+        self.last_update = UpdateStats(self._chunks_encoded, self._repair(dirty))
         return ids
 
     def _check_ids(self, doc_ids, what: str) -> torch.Tensor:

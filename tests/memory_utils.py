@@ -76,3 +76,11 @@ def check_tree(memory: HierarchicalMemory) -> None:
         assert not tree.emb[height][~tree.live[height]].any()
     assert memory.leaf_doc.shape == (tree.num_leaves,)
     assert set(memory.leaf_doc[tree.live[0]].tolist()) <= set(memory.doc_tokens)
+
+
+# Filler for the needle tasks without parsing the standard library: 64 letter-only words
+# (so key words split into train and test shares of a dozen or more) in 4096 sentences.
+FILLER_WORDS = [f"word{a}{b}" for a in "abcdefgh" for b in "abcdefgh"]
+FILLER_SENTENCES = tuple(
+    f"Filler sentence about the {a} and the {b} without digits." for a in FILLER_WORDS for b in FILLER_WORDS
+)

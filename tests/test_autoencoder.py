@@ -9,15 +9,8 @@ import torch
 
 from mllm.encoders import ChunkEncoder
 from mllm.tokenizers import ByteTokenizer
-from mllm.training.autoencoder import (
-    AutoencoderConfig,
-    ChunkDecoder,
-    add_arguments,
-    autoencode_loss,
-    chunk_dataset,
-    run,
-    train_autoencoder,
-)
+from mllm.training.autoencoder import ChunkDecoder, autoencode_loss, chunk_dataset
+from mllm.training.convergence import AutoencoderConfig, add_arguments, run, train_autoencoder
 
 # A few hundred byte-level chunks of the stdlib docstrings and a model small enough for seconds.
 TINY = AutoencoderConfig(

@@ -277,3 +277,27 @@ def test_bad_input_raises_clear_errors(memory, gen):
         train_projector(model, [(QUERIES[0], [1], [])], steps=1)
     with pytest.raises(ValueError, match=r"examples\[0\] must be"):
         train_projector(model, [(QUERIES[0], [1])], steps=1)
+
+
+def test_gathered_prefix_equals_retrieval_and_reads_other_memories(model, memory, gen):
+    ids = prompt(gen)
+    gathered = model.gather(QUERIES)
+    embeddings, heights, valid = gathered
+    assert embeddings.shape == (2, 9, 16) and heights.tolist() == [3] * 3 + [2] * 3 + [1] * 3
+    assert not embeddings.requires_grad and valid.dtype == torch.bool
+    direct = model(ids, memory_queries=QUERIES).logits
+    torch.testing.assert_close(model(ids, gathered=gathered).logits, direct)
+    assert torch.equal(
+        model.generate(ids, gathered=gathered, max_new_tokens=3, do_sample=False),
+        model.generate(ids, memory_queries=QUERIES, max_new_tokens=3, do_sample=False),
+    )
+    # Another memory, passed explicitly, is what gets read.
+    other = tiny_memory(random_documents(torch.Generator().manual_seed(9), 10), fanout=4, chunk_size=8)
+    other_embeddings, _, _ = model.gather(QUERIES, other)
+    assert not torch.equal(other_embeddings, embeddings)
+    with pytest.raises(ValueError, match="not both"):
+        model(ids, memory_queries=QUERIES, gathered=gathered)
+    with pytest.raises(ValueError, match="gathered has 2 rows but input_ids has 1"):
+        model(ids[:1], gathered=gathered)
+    with pytest.raises(ValueError, match="gathered must be"):
+        model(ids, gathered=(embeddings[0], heights, valid))
