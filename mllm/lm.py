@@ -35,7 +35,7 @@ class MemoryProjector(nn.Module):
 
     A learned tag per tree level (by height: 1 = leaves, 2 = their parents, ...) is added to each
     embedding first, so the LM can tell a leaf (a chunk) from a summary node of the same content.
-    Then a two-layer MLP (Linear, GELU, Linear), as in LLaVA-style projectors. The output layer
+    Then a LayerNorm and a two-layer MLP (Linear, GELU, Linear), as in LLaVA-style projectors. The output layer
     starts small (``init_std``), so an untrained projector gives near-zero prefix embeddings that
     barely disturb the LM.
 
@@ -54,6 +54,9 @@ class MemoryProjector(nn.Module):
         self.d_memory, self.hidden_size, self.num_heights = int(d_memory), int(hidden_size), int(num_heights)
         self.level_tag = nn.Embedding(self.num_heights, self.d_memory)
         nn.init.normal_(self.level_tag.weight, std=0.02)
+        # Memory embeddings are often unit-norm (entries ~ 1/sqrt(D)); standardising them gives the
+        # first layer inputs of unit scale, which it learns from many times faster.
+        self.norm = nn.LayerNorm(self.d_memory)
         self.net = nn.Sequential(
             nn.Linear(self.d_memory, self.hidden_size), nn.GELU(), nn.Linear(self.hidden_size, self.hidden_size)
         )
@@ -76,7 +79,7 @@ class MemoryProjector(nn.Module):
             )
         weight = self.net[0].weight
         x = embeddings.to(weight.dtype) + self.level_tag(heights.to(weight.device) - 1)
-        return self.net(x)
+        return self.net(self.norm(x))
 
 
 class MemoryAugmentedLM(nn.Module):

@@ -87,7 +87,8 @@ def test_memory_embeddings_gather_coarse_to_fine_with_level_tags(kind, memory):
     for j, ids in enumerate(result.ids):  # top -> bottom
         height = levels - j
         rows = memory.tree.emb[height - 1][ids.clamp(min=0)]
-        expected.append(projector.net(rows + projector.level_tag.weight[height - 1]) * (ids >= 0)[..., None])
+        tagged = projector.norm(rows + projector.level_tag.weight[height - 1])
+        expected.append(projector.net(tagged) * (ids >= 0)[..., None])
     torch.testing.assert_close(emb, torch.cat(expected, 1))
 
     # The tag of height 1 reaches exactly the leaf slots (the last k).
@@ -103,7 +104,8 @@ def test_max_levels_reads_the_finest_levels(memory):
     assert emb.shape == (2, 3 + 4, HIDDEN) and valid.all()
     result = memory.retrieve(QUERIES, t=3, k=4)
     leaves = memory.tree.emb[0][result.ids[-1]]
-    torch.testing.assert_close(emb[:, 3:], model.projector.net(leaves + model.projector.level_tag.weight[0]))
+    projector = model.projector
+    torch.testing.assert_close(emb[:, 3:], projector.net(projector.norm(leaves + projector.level_tag.weight[0])))
 
 
 def test_untrained_projector_is_small(model):
