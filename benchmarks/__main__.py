@@ -1,4 +1,4 @@
-"""Command line of the benchmark harness: ``python -m benchmarks ops [--quick] [--out DIR]``."""
+"""Command line of the benchmark harness: ``python -m benchmarks ops|e2e [--quick] [--out DIR]``."""
 
 from __future__ import annotations
 
@@ -18,7 +18,46 @@ def main(argv: list[str] | None = None) -> int:
     ops.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ops.add_argument("--only", nargs="+", metavar="OP", help="run only these ops (name prefixes)")
     ops.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    e2e = sub.add_parser("e2e", help="descend_tree vs flat search and FAISS on 1e4..1e7 leaves, with recall@10")
+    size = e2e.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="1e4 and 1e5 leaves only")
+    size.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds (for the tests)")
+    e2e.add_argument("--sizes", nargs="+", type=lambda v: int(float(v)), metavar="N", help="leaf counts (e.g. 1e4 1e6)")
+    e2e.add_argument("--out", default="bench_results", help="output folder (default: bench_results)")
+    e2e.add_argument("--threads", type=int, default=None, help="torch and faiss threads (default: torch's)")
+    e2e.add_argument("--no-faiss", action="store_true", help="skip the FAISS baselines")
+    e2e.add_argument("--hnsw-m", type=int, default=None, help="HNSW M (default 32)")
+    e2e.add_argument("--hnsw-ef-construction", type=int, default=None, help="HNSW efConstruction (default 200)")
+    e2e.add_argument(
+        "--noise-decay", type=float, default=None, help="within-cluster noise spectrum i^-x (default 0: isotropic)"
+    )
+    e2e.add_argument("--no-int8", action="store_true", help="skip the int8-keys rows of the tree")
+    e2e.add_argument("--layout", choices=["tree", "semantic"], default=None, help="leaf layout (default: tree)")
+    e2e.add_argument("--scratch", default=None, help="folder of the scratch file for large N (default: temp dir)")
+    e2e.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     args = parser.parse_args(argv)
+
+    if args.command == "e2e":
+        from .e2e import markdown as e2e_markdown
+        from .e2e import run_e2e
+
+        preset = "smoke" if args.smoke else "quick" if args.quick else "full"
+        results = run_e2e(
+            preset,
+            sizes=args.sizes,
+            threads=args.threads,
+            out_dir=args.out,
+            use_faiss=not args.no_faiss,
+            layout=args.layout,
+            scratch=args.scratch,
+            int8=not args.no_int8,
+            hnsw=(args.hnsw_m, args.hnsw_ef_construction),
+            noise_decay=args.noise_decay,
+            verbose=not args.quiet,
+        )
+        print(e2e_markdown(results))
+        print("wrote " + ", ".join(results["files"].values()), file=sys.stderr)
+        return 0
 
     from .bench_ops import run_ops
     from .report import markdown

@@ -22,6 +22,11 @@ NOTES = [
         "per query at each lower level."
     ),
     (
+        "descend int8: int8 keys with a float32 scale per row (quantize_keys of the float16 keys); "
+        "its reference column is the same C++ kernel on the float16 keys, so its speedup is int8 "
+        "over float16 at the same shapes, measured side by side."
+    ),
+    (
         "score_children fwd+bwd computes gradients for probes and keys (a dense [N, D] key "
         "gradient); cls_pool fwd+bwd for x and q. Kernel and reference always run the same N."
     ),

@@ -7,6 +7,11 @@ once); dividing it by the kernel's median time gives its effective bandwidth:
 
 * descend: per query, the ``T * fanout`` child keys (``D * itemsize`` each) and its probes;
   plus parents read and the ``[B, t]`` ids and scores written.
+* descend int8: the same with int8 keys (``D`` bytes and a 4-byte scale per child). Its
+  "reference" is not the eager reference but the C++ kernel on the float16 keys the int8 keys
+  were quantised from (same probes, parents and shapes), so the speedup column is the int8 over
+  float16 speed-up, measured side by side; the params give recall@t of the int8 result against
+  the float16 one.
 * descend_tree: the same per level; the top level reads all of its ``N_0`` keys per query.
 * score_children: the child keys and probes read, ``[B, T * fanout]`` scores and ids written;
   forward+backward adds the keys read again, the score gradient read, the probe gradient
@@ -89,6 +94,42 @@ def descend_case(s: Sizes, n: int, inp: Inputs, label: str) -> Case:
     n_bytes = s.B * s.T * s.fanout * s.D * item + probes.nbytes + parents.nbytes + s.B * s.t * 12
     params = f"{label}: N={n:,} ({_mb(keys.nbytes)} keys) B={s.B} P={s.P} T={s.T} t={s.t}"
     return Case("descend", params, kernel, ref, n_bytes)
+
+
+def _recall(ids: torch.Tensor, ref_ids: torch.Tensor) -> float:
+    """Fraction of the valid ids of ``ref_ids [B, t]`` that ``ids`` also returns in its row."""
+    hits = total = 0
+    for row, ref_row in zip(ids.tolist(), ref_ids.tolist()):
+        ref = {i for i in ref_row if i >= 0}
+        hits += len(ref & set(row))
+        total += len(ref)
+    return hits / total if total else 1.0
+
+
+def descend_int8_case(s: Sizes, n: int, inp: Inputs, label: str) -> Case:
+    """``descend`` with int8 keys (kernel) against float16 keys (reference column), both C++.
+
+    The int8 keys are ``quantize_keys`` of the float16 keys of the same shape (shared with the
+    float16 ``descend`` case before it); probes and parents are the same for both sides.
+    """
+    keys16 = inp.rand((n, s.D), shared=True)
+    keys8, scales = mk.quantize_keys(keys16)
+    probes = inp.rand((s.B, s.P, s.D))
+    parents = _random_parents(s.B, -(-n // s.fanout), s.T, inp.gen)
+
+    def kernel():
+        return mk.descend(probes, keys8, parents, s.fanout, s.t, key_scales=scales, backend="cpu")
+
+    def float16():
+        return mk.descend(probes, keys16, parents, s.fanout, s.t, backend="cpu")
+
+    recall = _recall(kernel()[0], float16()[0])
+    n_bytes = s.B * s.T * s.fanout * (s.D + 4) + probes.nbytes + parents.nbytes + s.B * s.t * 12
+    params = (
+        f"{label}: N={n:,} ({_mb(keys8.nbytes)} int8 keys vs {_mb(keys16.nbytes)} float16) B={s.B} P={s.P} "
+        f"T={s.T} t={s.t}; reference column = float16 keys (C++); recall@{s.t} vs float16 {recall:.1%}"
+    )
+    return Case("descend int8", params, kernel, float16, n_bytes)
 
 
 def tree_level_sizes(leaves: int, fanout: int) -> list[int]:
@@ -192,7 +233,9 @@ def all_cases(s: Sizes, seed: int = 0) -> list[tuple[str, Callable[[], Case]]]:
     inp = Inputs(seed)
     return [
         ("descend", lambda: descend_case(s, s.n_cached, inp, "cached")),
+        ("descend", lambda: descend_int8_case(s, s.n_cached, inp, "cached")),
         ("descend", lambda: descend_case(s, s.n_large, inp, "beyond cache")),
+        ("descend", lambda: descend_int8_case(s, s.n_large, inp, "beyond cache")),
         ("score_children", lambda: score_children_case(s, s.n_large, inp, backward=False)),
         ("descend_tree", lambda: descend_tree_case(s, inp)),
         ("cls_pool", lambda: cls_pool_case(s, s.pool_rows, 1, inp, backward=False)),

@@ -49,6 +49,7 @@ def _builders(s):
     return {
         "descend-cached": lambda: cases.descend_case(s, s.n_cached, inp, "cached"),
         "descend-large": lambda: cases.descend_case(s, s.n_large, inp, "large"),
+        "descend_int8-large": lambda: cases.descend_int8_case(s, s.n_large, inp, "large"),
         "descend_tree": lambda: cases.descend_tree_case(s, inp),
         "score_children": lambda: cases.score_children_case(s, s.n_large, inp, backward=False),
         "score_children-fwdbwd": lambda: cases.score_children_case(s, s.n_grad, inp, backward=True),

@@ -52,11 +52,40 @@ void check_offsets(const char* op, const char* name, const at::Tensor& offsets, 
                     low, ", ", high, "]");
 }
 
+void check_key_dtype(const char* op, const std::string& name, const at::Tensor& keys,
+                     const std::string& scales_name) {
+  const auto dtype = keys.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble ||
+                       dtype == at::kChar,
+                   op, ": ", name, " must be float32, float16, bfloat16, float64 or int8 (with ", scales_name,
+                   "), got ", dtype);
+}
+
+void check_key_scales(const char* op, const at::Tensor& keys, const std::optional<at::Tensor>& key_scales,
+                      const std::string& keys_name, const std::string& scales_name) {
+  check_key_dtype(op, keys_name, keys, scales_name);
+  const auto dtype = keys.scalar_type();
+  if (dtype != at::kChar) {
+    TORCH_CHECK_VALUE(!key_scales.has_value(), op, ": ", scales_name, " must be None unless ", keys_name,
+                      " are int8, got ", keys_name, " of dtype ", dtype);
+    return;
+  }
+  TORCH_CHECK_VALUE(key_scales.has_value(), op, ": ", scales_name, " is required with int8 ", keys_name,
+                    " (one float32 scale per row, as returned by quantize_keys)");
+  TORCH_CHECK_TYPE(key_scales->scalar_type() == at::kFloat, op, ": ", scales_name, " must be float32, got ",
+                   key_scales->scalar_type());
+  TORCH_CHECK_VALUE(key_scales->dim() == 1 && key_scales->size(0) == keys.size(0), op, ": ", scales_name,
+                    " must have shape [", keys.size(0), "] (one scale per row of ", keys_name, "), got ",
+                    key_scales->sizes());
+  check_same_device(op, keys_name, keys, scales_name, *key_scales);
+}
+
 void check_level(const char* op, const at::Tensor& probes, const at::Tensor& keys,
-                 const std::optional<at::Tensor>& mask, const std::string& probes_name,
-                 const std::string& keys_name, const std::string& mask_name) {
+                 const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& key_scales,
+                 const std::string& probes_name, const std::string& keys_name, const std::string& mask_name,
+                 const std::string& scales_name) {
   check_float(op, probes_name, probes);
-  check_float(op, keys_name, keys);
+  check_key_dtype(op, keys_name, keys, scales_name);
   check_dim(op, probes_name, probes, 3, "[B, P, D]");
   check_dim(op, keys_name, keys, 2, "[N, D]");
   TORCH_CHECK_VALUE(probes.size(1) >= 1, op, ": ", probes_name, " must hold at least one probe (P >= 1), got P=0");
@@ -70,6 +99,7 @@ void check_level(const char* op, const at::Tensor& probes, const at::Tensor& key
                       " must have shape [", keys.size(0), "], got ", mask->sizes());
     check_same_device(op, keys_name, keys, mask_name, *mask);
   }
+  check_key_scales(op, keys, key_scales, keys_name, scales_name);
 }
 
 void check_parents(const char* op, const at::Tensor& parents, const at::Tensor& probes, int64_t num_children,

@@ -2,7 +2,8 @@
 //
 // The schemas live here, once; CPU kernels are in csrc/cpu/, CUDA kernels in csrc/cuda/ (when
 // built). Fake kernels, autograd and the Triton fallback for CUDA tensors are registered from
-// Python (mllm_kernels/__init__.py).
+// Python (mllm_kernels/__init__.py). key_scales (last, default None) goes with int8 keys: one
+// float32 scale per key row (descend_tree: None, or one optional entry per level).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -23,16 +24,16 @@ TORCH_LIBRARY(mllm_kernels, m) {
       "Tensor chunk_offsets, Tensor out, Tensor lse, float scale) -> (Tensor, Tensor)");
   m.def(
       "score_children(Tensor probes, Tensor keys, Tensor parents, int fanout, str reduce, "
-      "Tensor? mask) -> (Tensor, Tensor)");
+      "Tensor? mask, Tensor? key_scales=None) -> (Tensor, Tensor)");
   m.def(
       "score_children_backward(Tensor grad_scores, Tensor probes, Tensor keys, "
-      "Tensor child_ids, str reduce) -> (Tensor, Tensor)");
+      "Tensor child_ids, str reduce, Tensor? key_scales=None) -> (Tensor, Tensor)");
   m.def(
       "descend(Tensor probes, Tensor keys, Tensor parents, int fanout, int t, str reduce, "
-      "Tensor? mask) -> (Tensor, Tensor)");
+      "Tensor? mask, Tensor? key_scales=None) -> (Tensor, Tensor)");
   m.def(
       "descend_tree(Tensor[] probes, Tensor[] keys, int fanout, int[] t, str reduce, "
-      "Tensor?[] masks) -> Tensor[]");
+      "Tensor?[] masks, Tensor?[]? key_scales=None) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(mllm_kernels, CPU, m) {

@@ -3,7 +3,9 @@
 Importing the package loads the compiled library and registers the operators
 ``torch.ops.mllm_kernels.{chunk_offsets, cls_pool, score_children, descend, descend_tree}``
 (plus the backward ops), their fake kernels and their autograd formulas. On CUDA tensors, a
-build without CUDA C++ kernels runs the Triton kernels.
+build without CUDA C++ kernels runs the Triton kernels. ``quantize_keys`` makes the int8 keys
+with per-row float32 scales that ``score_children``, ``descend`` and ``descend_tree`` accept
+through ``key_scales``.
 """
 
 from ._loader import built_with_cuda, load_library
@@ -21,6 +23,7 @@ from .ops import (  # noqa: E402
     descend_tree,
     score_children,
 )
+from .quantize import dequantize_keys, quantize_keys  # noqa: E402
 
 _fake.register("mllm_kernels")
 _autograd.register("mllm_kernels")
@@ -35,6 +38,8 @@ __all__ = [
     "cls_pool",
     "descend",
     "descend_tree",
+    "dequantize_keys",
+    "quantize_keys",
     "reference",
     "score_children",
 ]

@@ -2,7 +2,9 @@
 
 ``cls_pool`` returns ``(pooled, lse)``; its backward recomputes the attention weights from the
 saved log-sum-exp instead of storing them. ``score_children`` returns ``(scores, child_ids)``;
-its backward recomputes the probe scores of each selected child.
+its backward recomputes the probe scores of each selected child. With int8 keys only the probes
+get a gradient: int8 tensors cannot require one, and ``key_scales`` must not (checked when the
+forward is recorded, so the error points at the call).
 """
 
 from __future__ import annotations
@@ -30,17 +32,25 @@ def register(namespace: str) -> None:
         return grad_x, grad_q, None, None
 
     def score_children_setup(ctx, inputs, output):
-        probes, keys, _parents, _fanout, reduce, _mask = inputs
+        probes, keys, _parents, _fanout, reduce, _mask, key_scales = inputs
+        if key_scales is not None and key_scales.requires_grad:
+            raise RuntimeError(
+                "score_children: key_scales must not require grad: int8 keys and their scales are "
+                "not differentiable (only probes get a gradient); pass key_scales.detach()"
+            )
         _scores, child_ids = output
-        ctx.save_for_backward(probes, keys, child_ids)
+        ctx.save_for_backward(probes, keys, child_ids, key_scales)
         ctx.reduce = reduce
+        ctx.quantized = key_scales is not None
 
     def score_children_backward(ctx, grad_scores, _grad_child_ids):
-        probes, keys, child_ids = ctx.saved_tensors
+        probes, keys, child_ids, key_scales = ctx.saved_tensors
         grad_probes, grad_keys = ops.score_children_backward(
-            grad_scores, probes, keys, child_ids, ctx.reduce
+            grad_scores, probes, keys, child_ids, ctx.reduce, key_scales
         )
-        return grad_probes, grad_keys, None, None, None, None
+        if ctx.quantized:
+            grad_keys = None
+        return grad_probes, grad_keys, None, None, None, None, None
 
     torch.library.register_autograd(
         f"{namespace}::cls_pool", cls_pool_backward, setup_context=cls_pool_setup

@@ -27,22 +27,24 @@ def cls_pool_backward(grad_out, grad_lse, x, q, chunk_offsets, out, lse, scale):
     return torch.empty_like(x), torch.empty_like(q)
 
 
-def score_children(probes, keys, parents, fanout, reduce, mask):
+def score_children(probes, keys, parents, fanout, reduce, mask, key_scales=None):
     shape = (parents.shape[0], parents.shape[1] * fanout)
     scores = probes.new_empty(shape, dtype=compute_dtype(probes, keys))
     return scores, parents.new_empty(shape)
 
 
-def score_children_backward(grad_scores, probes, keys, child_ids, reduce):
+def score_children_backward(grad_scores, probes, keys, child_ids, reduce, key_scales=None):
+    if keys.dtype == torch.int8:  # int8 keys get no gradient: an empty [0, D] placeholder
+        return torch.empty_like(probes), keys.new_empty((0, keys.shape[1]), dtype=compute_dtype(probes, keys))
     return torch.empty_like(probes), torch.empty_like(keys)
 
 
-def descend(probes, keys, parents, fanout, t, reduce, mask):
+def descend(probes, keys, parents, fanout, t, reduce, mask, key_scales=None):
     shape = (probes.shape[0], t)
     return parents.new_empty(shape), probes.new_empty(shape, dtype=compute_dtype(probes, keys))
 
 
-def descend_tree(probes, keys, fanout, t, reduce, masks):
+def descend_tree(probes, keys, fanout, t, reduce, masks, key_scales=None):
     out = []
     for level_probes, level_keys, level_t in zip(probes, keys, t):
         shape = (level_probes.shape[0], level_t)

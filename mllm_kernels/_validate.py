@@ -12,6 +12,7 @@ import math
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+KEY_DTYPES = FLOAT_DTYPES + (torch.int8,)  # int8 keys come with float32 key_scales
 REDUCTIONS = ("max", "lse")
 
 
@@ -24,6 +25,38 @@ def _float(op, name, value):
     _tensor(op, name, value)
     if value.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: {name} must be float32, float16, bfloat16 or float64, got {value.dtype}")
+
+
+def _key_dtype(op, name, value, scales_name="key_scales"):
+    _tensor(op, name, value)
+    if value.dtype not in KEY_DTYPES:
+        raise TypeError(
+            f"{op}: {name} must be float32, float16, bfloat16, float64 or int8 (with {scales_name}), got {value.dtype}"
+        )
+
+
+def check_key_scales(op, keys, key_scales, keys_name="keys", scales_name="key_scales"):
+    """int8 ``keys [N, D]`` need ``key_scales``, float32 ``[N]`` on their device; float keys take None."""
+    if keys.dtype != torch.int8:
+        if key_scales is not None:
+            raise ValueError(
+                f"{op}: {scales_name} must be None unless {keys_name} are int8, got {keys_name} of dtype {keys.dtype}"
+            )
+        return
+    if key_scales is None:
+        raise ValueError(
+            f"{op}: {scales_name} is required with int8 {keys_name} (one float32 scale per row, as returned "
+            "by quantize_keys)"
+        )
+    _tensor(op, scales_name, key_scales)
+    if key_scales.dtype != torch.float32:
+        raise TypeError(f"{op}: {scales_name} must be float32, got {key_scales.dtype}")
+    if key_scales.dim() != 1 or key_scales.shape[0] != keys.shape[0]:
+        raise ValueError(
+            f"{op}: {scales_name} must have shape [{keys.shape[0]}] (one scale per row of {keys_name}), "
+            f"got {list(key_scales.shape)}"
+        )
+    _same_device(op, **{keys_name: keys, scales_name: key_scales})
 
 
 def _int64(op, name, value):
@@ -88,10 +121,12 @@ def check_cls_pool(x, q, chunk_offsets, scale):
         raise ValueError(f"{op}: scale must be a finite float, got {scale!r}")
 
 
-def check_level(op, probes, keys, mask, probes_name="probes", keys_name="keys", mask_name="mask"):
-    """One level: probes ``[B, P, D]``, keys ``[N, D]``, optional bool mask ``[N]``."""
+def check_level(op, probes, keys, mask, probes_name="probes", keys_name="keys", mask_name="mask",
+                key_scales=None, scales_name="key_scales"):
+    """One level: probes ``[B, P, D]``, keys ``[N, D]`` (float, or int8 with ``key_scales``),
+    optional bool mask ``[N]``."""
     _float(op, probes_name, probes)
-    _float(op, keys_name, keys)
+    _key_dtype(op, keys_name, keys, scales_name)
     _rank(op, probes_name, probes, ["B", "P", "D"])
     _rank(op, keys_name, keys, ["N", "D"])
     if probes.shape[1] < 1:
@@ -107,6 +142,7 @@ def check_level(op, probes, keys, mask, probes_name="probes", keys_name="keys", 
         if mask.dim() != 1 or mask.shape[0] != keys.shape[0]:
             raise ValueError(f"{op}: {mask_name} must have shape [{keys.shape[0]}], got {list(mask.shape)}")
     _same_device(op, **{probes_name: probes, keys_name: keys, mask_name: mask})
+    check_key_scales(op, keys, key_scales, keys_name, scales_name)
 
 
 def check_reduce(op, reduce):
@@ -114,9 +150,9 @@ def check_reduce(op, reduce):
         raise ValueError(f"{op}: reduce must be 'max' or 'lse', got {reduce!r}")
 
 
-def check_children(op, probes, keys, parents, fanout, reduce, mask):
+def check_children(op, probes, keys, parents, fanout, reduce, mask, key_scales=None):
     """The arguments shared by ``score_children`` and ``descend``."""
-    check_level(op, probes, keys, mask)
+    check_level(op, probes, keys, mask, key_scales=key_scales)
     _positive_int(op, "fanout", fanout)
     check_reduce(op, reduce)
     _int64(op, "parents", parents)
@@ -136,13 +172,13 @@ def check_children(op, probes, keys, parents, fanout, reduce, mask):
             )
 
 
-def check_descend(probes, keys, parents, fanout, t, reduce, mask):
-    check_children("descend", probes, keys, parents, fanout, reduce, mask)
+def check_descend(probes, keys, parents, fanout, t, reduce, mask, key_scales=None):
+    check_children("descend", probes, keys, parents, fanout, reduce, mask, key_scales)
     _positive_int("descend", "t", t)
 
 
-def check_descend_tree(probes, keys, fanout, t, reduce, masks):
-    """Returns the per-level beam widths and masks as lists."""
+def check_descend_tree(probes, keys, fanout, t, reduce, masks, key_scales=None):
+    """Returns the per-level beam widths, masks and key scales as lists."""
     op = "descend_tree"
     if not isinstance(probes, (list, tuple)) or not isinstance(keys, (list, tuple)):
         raise TypeError(f"{op}: probes and keys must be lists of tensors (one per level)")
@@ -161,9 +197,14 @@ def check_descend_tree(probes, keys, fanout, t, reduce, masks):
     masks = [None] * levels if masks is None else list(masks)
     if len(masks) != levels:
         raise ValueError(f"{op}: masks has {len(masks)} entries but there are {levels} levels")
+    if key_scales is not None and not isinstance(key_scales, (list, tuple)):
+        raise TypeError(f"{op}: key_scales must be None or a list with one optional tensor per level")
+    scales = [None] * levels if key_scales is None else list(key_scales)
+    if len(scales) != levels:
+        raise ValueError(f"{op}: key_scales has {len(scales)} entries but there are {levels} levels")
     for level in range(levels):
         check_level(op, probes[level], keys[level], masks[level],
-                    f"probes[{level}]", f"keys[{level}]", f"masks[{level}]")
+                    f"probes[{level}]", f"keys[{level}]", f"masks[{level}]", scales[level], f"key_scales[{level}]")
         if probes[level].shape[0] != probes[0].shape[0]:
             raise ValueError(f"{op}: probes[{level}] has B={probes[level].shape[0]}, probes[0] has B={probes[0].shape[0]}")
         _same_device(op, **{"keys[0]": keys[0], f"keys[{level}]": keys[level]})
@@ -174,4 +215,4 @@ def check_descend_tree(probes, keys, fanout, t, reduce, masks):
                     f"{op}: keys[{level - 1}] has {keys[level - 1].shape[0]} nodes but keys[{level}] has "
                     f"{keys[level].shape[0]}, so it must have ceil({keys[level].shape[0]} / {fanout}) = {expected}"
                 )
-    return ts, masks
+    return ts, masks, scales

@@ -151,6 +151,7 @@ def score_children(
     fanout: int,
     reduce: str = "max",
     mask: Optional[torch.Tensor] = None,
+    key_scales: Optional[torch.Tensor] = None,
     *,
     backend: str = "auto",
 ):
@@ -158,27 +159,39 @@ def score_children(
 
     Child slot ``j`` of row ``b`` is node ``parents[b, j // fanout] * fanout + j % fanout``; its
     score is ``max_p <probes[b, p], keys[child]>`` (``reduce="max"``) or the logsumexp over p
-    (``"lse"``).
+    (``"lse"``). With int8 keys, ``<probes[b, p], keys[child]>`` stands for
+    ``key_scales[child] * <probes[b, p], keys[child]>`` (the int8 row converted exactly,
+    accumulated in float32), before the reduction.
 
     Args:
         probes: ``[B, P, D]`` float.
-        keys: ``[N, D]`` float32, float16 or bfloat16 (float64 on CPU).
+        keys: ``[N, D]`` float32, float16 or bfloat16 (float64 on CPU), or int8 with
+            ``key_scales`` (see :func:`mllm_kernels.quantize_keys`).
         parents: int64 ``[B, T]`` node ids of the parent level (``ceil(N / fanout)`` nodes),
             ``-1`` = empty slot.
         fanout: children per parent, >= 1.
         reduce: ``"max"`` or ``"lse"``.
         mask: optional bool ``[N]``; False = not a candidate.
+        key_scales: float32 ``[N]``, one scale per key row; required with int8 keys, must be
+            None with float keys.
 
     Returns:
         ``(scores, child_ids)``: float32 ``[B, T * fanout]`` (float64 for float64 inputs) and
         int64 ``[B, T * fanout]``. Slots of empty parents, children ``>= N`` and masked children
-        are ``-inf`` / ``-1``. Differentiable with respect to ``probes`` and ``keys``.
+        are ``-inf`` / ``-1``. Differentiable with respect to ``probes`` and (float) ``keys``;
+        int8 keys and their scales get no gradient (``key_scales`` must not require one).
     """
     ops = _resolve("score_children", backend, _device_of("score_children", "probes", probes))
     if ops is None:
-        _validate.check_children("score_children", probes, keys, parents, fanout, reduce, mask)
-        return reference.score_children(probes, keys, parents, fanout, reduce, mask)
-    return ops.score_children(probes, keys, parents, fanout, reduce, mask)
+        _validate.check_children("score_children", probes, keys, parents, fanout, reduce, mask, key_scales)
+        if key_scales is not None and key_scales.requires_grad and torch.is_grad_enabled():
+            # As the registered autograd of the kernels (mllm_kernels._autograd) refuses it.
+            raise RuntimeError(
+                "score_children: key_scales must not require grad: int8 keys and their scales are "
+                "not differentiable (only probes get a gradient); pass key_scales.detach()"
+            )
+        return reference.score_children(probes, keys, parents, fanout, reduce, mask, key_scales)
+    return ops.score_children(probes, keys, parents, fanout, reduce, mask, key_scales)
 
 
 def descend(
@@ -189,13 +202,17 @@ def descend(
     t: int,
     reduce: str = "max",
     mask: Optional[torch.Tensor] = None,
+    key_scales: Optional[torch.Tensor] = None,
     *,
     backend: str = "auto",
 ):
     """One level of the descent in one launch: the top ``t`` children of ``parents`` (SPEC 4.4).
 
     Scores as in :func:`score_children`, selected inside the kernel: the ``[B, T * fanout]``
-    score matrix is never written to memory.
+    score matrix is never written to memory. int8 ``keys`` with float32 ``key_scales [N]``
+    (:func:`mllm_kernels.quantize_keys`) read a quarter of the bytes of float32 keys; on CPUs with
+    AVX-512 VNNI the C++ kernel also skips the exact scoring of int8 rows whose integer score
+    bound cannot beat the running t-th score (same results as scoring every row).
 
     Returns:
         ``(ids, scores)``: int64 and float32 ``[B, t]``, sorted by score descending; equal
@@ -204,9 +221,9 @@ def descend(
     """
     ops = _resolve("descend", backend, _device_of("descend", "probes", probes))
     if ops is None:
-        _validate.check_descend(probes, keys, parents, fanout, t, reduce, mask)
-        return reference.descend(probes, keys, parents, fanout, t, reduce, mask)
-    return ops.descend(probes, keys, parents, fanout, t, reduce, mask)
+        _validate.check_descend(probes, keys, parents, fanout, t, reduce, mask, key_scales)
+        return reference.descend(probes, keys, parents, fanout, t, reduce, mask, key_scales)
+    return ops.descend(probes, keys, parents, fanout, t, reduce, mask, key_scales)
 
 
 def descend_tree(
@@ -216,6 +233,7 @@ def descend_tree(
     t: Union[int, Sequence[int]],
     reduce: str = "max",
     masks: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    key_scales: Optional[Sequence[Optional[torch.Tensor]]] = None,
     *,
     backend: str = "auto",
 ):
@@ -223,11 +241,14 @@ def descend_tree(
 
     Args:
         probes: list over levels, top to bottom, of ``[B, P_k, D_k]``.
-        keys: list over levels of ``[N_k, D_k]`` with ``N_{k-1} == ceil(N_k / fanout)``.
+        keys: list over levels of ``[N_k, D_k]`` with ``N_{k-1} == ceil(N_k / fanout)``; each
+            level float, or int8 with its scales in ``key_scales``.
         fanout: children per node, >= 1.
         t: beam width, one int or one per level.
         reduce: ``"max"`` or ``"lse"``.
         masks: None, or one optional bool ``[N_k]`` mask per level.
+        key_scales: None (no int8 level), or one entry per level: float32 ``[N_k]`` for an int8
+            level, None for a float level.
 
     Returns:
         list over levels of ``(ids [B, t_k], scores [B, t_k])``. Every node of the top level is a
@@ -237,9 +258,11 @@ def descend_tree(
         raise TypeError("descend_tree: keys must be a non-empty list of tensors (one per level)")
     ops = _resolve("descend_tree", backend, _device_of("descend_tree", "keys[0]", keys[0]))
     if ops is None:
-        ts, masks = _validate.check_descend_tree(probes, keys, fanout, t, reduce, masks)
-        return reference.descend_tree(probes, keys, fanout, ts, reduce, masks)
+        ts, masks, scales = _validate.check_descend_tree(probes, keys, fanout, t, reduce, masks, key_scales)
+        return reference.descend_tree(probes, keys, fanout, ts, reduce, masks, scales)
     ts = [t] * len(keys) if isinstance(t, int) else list(t)
     masks = [None] * len(keys) if masks is None else list(masks)
-    flat = ops.descend_tree(list(probes), list(keys), fanout, ts, reduce, masks)
+    if key_scales is not None:
+        key_scales = list(key_scales)
+    flat = ops.descend_tree(list(probes), list(keys), fanout, ts, reduce, masks, key_scales)
     return [(flat[2 * level], flat[2 * level + 1]) for level in range(len(keys))]

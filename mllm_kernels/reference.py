@@ -10,7 +10,9 @@ Conventions shared by every implementation (see SPEC section 4):
 * scores are float32 (float64 when an input is float64), accumulated in that precision;
 * the children of node ``i`` are nodes ``[i * fanout, min((i + 1) * fanout, N))``;
 * top-t order: score descending, equal scores by smaller node id; NaN scores and invalid
-  slots are never selected; missing results are ``-1`` / ``-inf``.
+  slots are never selected; missing results are ``-1`` / ``-inf``;
+* int8 keys come with ``key_scales`` (float32, one per row) and stand for
+  ``key_scales[n] * keys[n]``: they are dequantised and scored like float keys.
 """
 
 from __future__ import annotations
@@ -24,12 +26,19 @@ __all__ = [
     "descend",
     "descend_tree",
     "compute_dtype",
+    "dequantize_keys",
 ]
 
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """float64 if any input is float64, else float32: the accumulation and score dtype."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def dequantize_keys(keys: torch.Tensor, key_scales: torch.Tensor, dtype: torch.dtype = torch.float32):
+    """The values int8 ``keys [..., D]`` with per-row ``key_scales [...]`` stand for, in ``dtype``:
+    ``key_scales[..., None] * keys``."""
+    return keys.to(dtype) * key_scales.to(dtype).unsqueeze(-1)
 
 
 def chunk_offsets(seg_offsets: torch.Tensor, chunk_size: int):
@@ -116,16 +125,18 @@ def _reduce_probes(dots: torch.Tensor, reduce: str) -> torch.Tensor:
     return torch.logsumexp(dots, -1)
 
 
-def score_children(probes, keys, parents, fanout, reduce="max", mask=None):
+def score_children(probes, keys, parents, fanout, reduce="max", mask=None, key_scales=None):
     """Score every child slot of ``parents`` against the probes.
 
     Args:
         probes: ``[B, P, D]`` float.
-        keys: ``[N, D]`` float.
+        keys: ``[N, D]`` float, or int8 with ``key_scales``.
         parents: int64 ``[B, T]`` parent-level node ids, ``-1`` = empty slot.
         fanout: children per parent.
         reduce: ``"max"`` or ``"lse"`` (logsumexp) over the P probe scores.
         mask: optional bool ``[N]``, False = not a candidate.
+        key_scales: float32 ``[N]`` with int8 keys (the score uses ``key_scales[n] * keys[n]``),
+            else None.
 
     Returns:
         ``(scores [B, T * fanout] float32, child_ids [B, T * fanout] int64)``; invalid slots
@@ -133,7 +144,14 @@ def score_children(probes, keys, parents, fanout, reduce="max", mask=None):
     """
     acc = compute_dtype(probes, keys)
     child, valid = _child_slots(keys, parents, fanout, mask)
-    gathered = keys[torch.where(valid, child, 0)] if keys.shape[0] > 0 else keys.new_zeros(child.shape + keys.shape[1:])
+    row = torch.where(valid, child, 0)
+    if keys.shape[0] > 0:
+        gathered = keys[row]
+    else:
+        gathered = keys.new_zeros(child.shape + keys.shape[1:])
+    if key_scales is not None:
+        row_scales = key_scales[row] if keys.shape[0] > 0 else key_scales.new_zeros(child.shape)
+        gathered = dequantize_keys(gathered, row_scales, acc)
     dots = torch.einsum("bpd,bsd->bsp", probes.to(acc), gathered.to(acc))
     scores = _reduce_probes(dots, reduce)
     scores = torch.where(valid, scores, torch.full_like(scores, -torch.inf))
@@ -171,7 +189,7 @@ def _drop_duplicate_parents(parents: torch.Tensor) -> torch.Tensor:
     return torch.where(duplicate, torch.full_like(parents, -1), parents)
 
 
-def descend(probes, keys, parents, fanout, t, reduce="max", mask=None):
+def descend(probes, keys, parents, fanout, t, reduce="max", mask=None, key_scales=None):
     """One level of the descent: the top ``t`` children of ``parents``.
 
     Same arguments as :func:`score_children` plus ``t`` (>= 1).
@@ -180,11 +198,11 @@ def descend(probes, keys, parents, fanout, t, reduce="max", mask=None):
         ``(ids [B, t] int64, scores [B, t] float32)``, sorted by score descending, ties by
         smaller id; a child under a duplicated parent counts once; padded with ``-1`` / ``-inf``.
     """
-    scores, child = score_children(probes, keys, _drop_duplicate_parents(parents), fanout, reduce, mask)
+    scores, child = score_children(probes, keys, _drop_duplicate_parents(parents), fanout, reduce, mask, key_scales)
     return _select_top(scores, child, t)
 
 
-def descend_tree(probes, keys, fanout, t, reduce="max", masks=None):
+def descend_tree(probes, keys, fanout, t, reduce="max", masks=None, key_scales=None):
     """The whole descent, top level to leaves.
 
     Args:
@@ -194,6 +212,7 @@ def descend_tree(probes, keys, fanout, t, reduce="max", masks=None):
         t: int or one int per level.
         reduce: ``"max"`` or ``"lse"``.
         masks: None or a list of optional bool ``[N_k]`` masks.
+        key_scales: None or a list of optional float32 ``[N_k]`` scales (for the int8 levels).
 
     Returns:
         list over levels of ``(ids [B, t_k], scores [B, t_k])``. Every node of the top level is a
@@ -202,6 +221,7 @@ def descend_tree(probes, keys, fanout, t, reduce="max", masks=None):
     levels = len(keys)
     ts = [t] * levels if isinstance(t, int) else list(t)
     masks = [None] * levels if masks is None else list(masks)
+    scales = [None] * levels if key_scales is None else list(key_scales)
     B = probes[0].shape[0]
     if B == 0:  # no query: empty [0, t_k] outputs, whatever the slot counts would be
         return [
@@ -215,8 +235,10 @@ def descend_tree(probes, keys, fanout, t, reduce="max", masks=None):
             # The top level is the children of one virtual root that owns every node.
             n_top = keys[0].shape[0]
             root = torch.zeros(B, 1, dtype=torch.int64, device=keys[0].device)
-            scores, child = score_children(probes[0], keys[0], root, max(n_top, 1), reduce, masks[0])
+            scores, child = score_children(probes[0], keys[0], root, max(n_top, 1), reduce, masks[0], scales[0])
         else:
-            scores, child = score_children(probes[level], keys[level], results[-1][0], fanout, reduce, masks[level])
+            scores, child = score_children(
+                probes[level], keys[level], results[-1][0], fanout, reduce, masks[level], scales[level]
+            )
         results.append(_select_top(scores, child, ts[level]))
     return results

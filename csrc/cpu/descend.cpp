@@ -18,6 +18,7 @@ struct PreparedLevel {
   at::Tensor probes;  // [B, P, D] in the compute dtype
   at::Tensor keys;    // contiguous
   at::Tensor mask;    // contiguous bool, or undefined
+  at::Tensor scales;  // contiguous float32 [N] for int8 keys, or undefined
   at::Tensor ids;     // [B, t] output
   at::Tensor scores;  // [B, t] output
   int64_t t;
@@ -27,23 +28,25 @@ struct PreparedLevel {
 };
 
 PreparedLevel prepare_level(const at::Tensor& probes, const at::Tensor& keys, const std::optional<at::Tensor>& mask,
-                            int64_t t, bool lse) {
+                            const std::optional<at::Tensor>& key_scales, int64_t t, bool lse) {
   PreparedLevel level;
   const at::ScalarType acc = compute_dtype(probes, keys);
   level.probes = probes.to(acc).contiguous();
   level.keys = keys.contiguous();
   if (mask.has_value()) level.mask = mask->contiguous();
+  if (key_scales.has_value()) level.scales = key_scales->contiguous();
   level.t = t;
   const int64_t batch = probes.size(0);
   level.ids = empty_output({batch, t}, probes.options().dtype(at::kLong));
   level.scores = empty_output({batch, t}, probes.options().dtype(acc));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, keys.scalar_type(), "descend", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kChar, keys.scalar_type(), "descend", [&] {
     using key_t = scalar_t;
     auto bind = [&](auto acc_zero) {
       using acc_t = decltype(acc_zero);
       LevelView<key_t, acc_t> view{level.probes.data_ptr<acc_t>(),
                                    level.keys.data_ptr<key_t>(),
                                    level.mask.defined() ? level.mask.data_ptr<bool>() : nullptr,
+                                   level.scales.defined() ? level.scales.data_ptr<float>() : nullptr,
                                    level.probes.size(1),
                                    level.probes.size(2),
                                    level.keys.size(0),
@@ -52,8 +55,8 @@ PreparedLevel prepare_level(const at::Tensor& probes, const at::Tensor& keys, co
       int64_t* ids = level.ids.data_ptr<int64_t>();
       level.run_row = [view, scores, ids, t](int64_t b, const int64_t* parents, int64_t num_parents, int64_t fanout,
                                              bool skip_repeated) {
-        thread_local std::vector<acc_t> dots;
-        descend_row(view, b, parents, num_parents, fanout, skip_repeated, t, scores + b * t, ids + b * t, dots);
+        thread_local RowScratch<acc_t> scratch;
+        descend_row(view, b, parents, num_parents, fanout, skip_repeated, t, scores + b * t, ids + b * t, scratch);
       };
     };
     if (acc == at::kDouble) {
@@ -69,14 +72,15 @@ PreparedLevel prepare_level(const at::Tensor& probes, const at::Tensor& keys, co
 
 std::tuple<at::Tensor, at::Tensor> descend(const at::Tensor& probes, const at::Tensor& keys, const at::Tensor& parents,
                                            int64_t fanout, int64_t t, const std::string& reduce,
-                                           const std::optional<at::Tensor>& mask) {
+                                           const std::optional<at::Tensor>& mask,
+                                           const std::optional<at::Tensor>& key_scales) {
   const char* op = "descend";
-  check_level(op, probes, keys, mask);
+  check_level(op, probes, keys, mask, key_scales);
   check_at_least_one(op, "fanout", fanout);
   check_at_least_one(op, "t", t);
   const bool lse = parse_reduce(op, reduce);
   check_parents(op, parents, probes, keys.size(0), fanout);
-  PreparedLevel level = prepare_level(probes, keys, mask, t, lse);
+  PreparedLevel level = prepare_level(probes, keys, mask, key_scales, t, lse);
   const at::Tensor parents_c = parents.contiguous();
   const int64_t* parent_ids = parents_c.data_ptr<int64_t>();
   const int64_t num_parents = parents_c.size(1);
@@ -88,7 +92,8 @@ std::tuple<at::Tensor, at::Tensor> descend(const at::Tensor& probes, const at::T
 
 std::vector<at::Tensor> descend_tree(const std::vector<at::Tensor>& probes, const std::vector<at::Tensor>& keys,
                                      int64_t fanout, const std::vector<int64_t>& t, const std::string& reduce,
-                                     const std::vector<std::optional<at::Tensor>>& masks) {
+                                     const std::vector<std::optional<at::Tensor>>& masks,
+                                     const std::optional<std::vector<std::optional<at::Tensor>>>& key_scales) {
   const char* op = "descend_tree";
   const size_t num_levels = keys.size();
   TORCH_CHECK_VALUE(num_levels >= 1, op, ": keys must hold at least one level");
@@ -98,12 +103,20 @@ std::vector<at::Tensor> descend_tree(const std::vector<at::Tensor>& probes, cons
                     " levels");
   TORCH_CHECK_VALUE(masks.size() == num_levels, op, ": masks has ", masks.size(), " entries but there are ",
                     num_levels, " levels");
+  TORCH_CHECK_VALUE(!key_scales.has_value() || key_scales->size() == num_levels, op, ": key_scales has ",
+                    key_scales.has_value() ? key_scales->size() : 0, " entries but there are ", num_levels,
+                    " levels");
   check_at_least_one(op, "fanout", fanout);
   const bool lse = parse_reduce(op, reduce);
+  const std::optional<at::Tensor> no_scales;
+  auto scales_of = [&](size_t level) -> const std::optional<at::Tensor>& {
+    return key_scales.has_value() ? (*key_scales)[level] : no_scales;
+  };
   for (size_t level = 0; level < num_levels; ++level) {
     const std::string index = "[" + std::to_string(level) + "]";
     TORCH_CHECK_VALUE(t[level] >= 1, op, ": t", index, " must be >= 1, got ", t[level]);
-    check_level(op, probes[level], keys[level], masks[level], "probes" + index, "keys" + index, "masks" + index);
+    check_level(op, probes[level], keys[level], masks[level], scales_of(level), "probes" + index, "keys" + index,
+                "masks" + index, "key_scales" + index);
     TORCH_CHECK_VALUE(probes[level].size(0) == probes[0].size(0), op, ": probes", index, " has B=",
                       probes[level].size(0), ", probes[0] has B=", probes[0].size(0));
     check_same_device(op, "keys[0]", keys[0], "keys" + index, keys[level]);
@@ -118,7 +131,7 @@ std::vector<at::Tensor> descend_tree(const std::vector<at::Tensor>& probes, cons
   std::vector<PreparedLevel> levels;
   levels.reserve(num_levels);
   for (size_t level = 0; level < num_levels; ++level)
-    levels.push_back(prepare_level(probes[level], keys[level], masks[level], t[level], lse));
+    levels.push_back(prepare_level(probes[level], keys[level], masks[level], scales_of(level), t[level], lse));
 
   // One parallel region: each query walks every level; the top level is the children of one
   // virtual root that owns all its nodes, each lower level the children of the selection above.

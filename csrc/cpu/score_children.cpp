@@ -1,13 +1,16 @@
 // score_children on the CPU: every child slot of the parents scored against all probes, and
-// its backward (gradients of the scores with respect to probes and keys).
+// its backward (gradients of the scores with respect to probes and keys; with int8 keys, with
+// respect to probes only).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "../checks.h"
 #include "../common/probe_reduce.h"
+#include "../common/quantized.h"
 #include "kernels.h"
 #include "simd.h"
 
@@ -29,9 +32,10 @@ void with_compute_type(at::ScalarType acc, Fn&& fn) {
 
 std::tuple<at::Tensor, at::Tensor> score_children(const at::Tensor& probes, const at::Tensor& keys,
                                                   const at::Tensor& parents, int64_t fanout, const std::string& reduce,
-                                                  const std::optional<at::Tensor>& mask) {
+                                                  const std::optional<at::Tensor>& mask,
+                                                  const std::optional<at::Tensor>& key_scales) {
   const char* op = "score_children";
-  check_level(op, probes, keys, mask);
+  check_level(op, probes, keys, mask, key_scales);
   check_at_least_one(op, "fanout", fanout);
   const bool lse = parse_reduce(op, reduce);
   check_parents(op, parents, probes, keys.size(0), fanout);
@@ -41,13 +45,14 @@ std::tuple<at::Tensor, at::Tensor> score_children(const at::Tensor& probes, cons
   const at::Tensor keys_c = keys.contiguous();
   const at::Tensor parents_c = parents.contiguous();
   const at::Tensor mask_c = mask.has_value() ? mask->contiguous() : at::Tensor();
+  const at::Tensor scales_c = key_scales.has_value() ? key_scales->contiguous() : at::Tensor();
   const int64_t batch = probes.size(0), num_probes = probes.size(1), dim = probes.size(2);
   const int64_t num_parents = parents.size(1), num_nodes = keys.size(0);
   const int64_t num_slots = num_parents * fanout;
   at::Tensor scores = empty_output({batch, num_slots}, probes.options().dtype(acc));
   at::Tensor child_ids = empty_output({batch, num_slots}, parents.options());
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, keys.scalar_type(), "score_children", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kChar, keys.scalar_type(), "score_children", [&] {
     using key_t = scalar_t;
     with_compute_type(acc, [&](auto acc_zero) {
       using acc_t = decltype(acc_zero);
@@ -55,6 +60,7 @@ std::tuple<at::Tensor, at::Tensor> score_children(const at::Tensor& probes, cons
       const key_t* key_data = keys_c.data_ptr<key_t>();
       const int64_t* parent_data = parents_c.data_ptr<int64_t>();
       const bool* mask_data = mask_c.defined() ? mask_c.data_ptr<bool>() : nullptr;
+      const float* scale_data = scales_c.defined() ? scales_c.data_ptr<float>() : nullptr;
       acc_t* score_data = scores.data_ptr<acc_t>();
       int64_t* id_data = child_ids.data_ptr<int64_t>();
       const int64_t work = batch * num_parents;
@@ -79,6 +85,8 @@ std::tuple<at::Tensor, at::Tensor> score_children(const at::Tensor& probes, cons
               continue;
             }
             multi_dot(probe_data + b * num_probes * dim, num_probes, dim, key_data + child * dim, dots.data());
+            if constexpr (std::is_same_v<key_t, int8_t>)
+              scale_dots(dots.data(), num_probes, static_cast<acc_t>(scale_data[child]));
             slot_scores[k] = reduce_probes(dots.data(), num_probes, lse);
             slot_ids[k] = child;
           }
@@ -95,25 +103,30 @@ std::tuple<at::Tensor, at::Tensor> score_children(const at::Tensor& probes, cons
 
 std::tuple<at::Tensor, at::Tensor> score_children_backward(const at::Tensor& grad_scores, const at::Tensor& probes,
                                                            const at::Tensor& keys, const at::Tensor& child_ids,
-                                                           const std::string& reduce) {
+                                                           const std::string& reduce,
+                                                           const std::optional<at::Tensor>& key_scales) {
   const char* op = "score_children_backward";
   const bool lse = parse_reduce(op, reduce);
+  check_key_scales(op, keys, key_scales);
+  const bool quantized = keys.scalar_type() == at::kChar;
   const at::ScalarType acc = compute_dtype(probes, keys);
   const at::Tensor grad_c = grad_scores.to(acc).contiguous();
   const at::Tensor probes_c = probes.to(acc).contiguous();
   const at::Tensor keys_c = keys.contiguous();
   const at::Tensor ids_c = child_ids.contiguous();
+  const at::Tensor scales_c = quantized ? key_scales->contiguous() : at::Tensor();
   const int64_t batch = probes.size(0), num_probes = probes.size(1), dim = probes.size(2);
   const int64_t num_slots = ids_c.size(1), num_nodes = keys.size(0);
   TORCH_CHECK_VALUE(grad_c.sizes() == ids_c.sizes() && ids_c.size(0) == batch, op,
                     ": grad_scores and child_ids must both have shape [B, S]");
 
   // coef[b, s, p] = d loss / d <probes[b, p], keys[child(b, s)]>
-  at::Tensor coef = at::zeros({batch, num_slots, num_probes}, probes_c.options());
+  // int8 keys are not differentiable: no key gradient and no coefficients to keep for it.
+  at::Tensor coef = at::zeros({quantized ? 0 : batch, num_slots, num_probes}, probes_c.options());
   at::Tensor grad_probes = at::zeros({batch, num_probes, dim}, probes_c.options());
-  at::Tensor grad_keys = at::zeros({num_nodes, dim}, probes_c.options());
+  at::Tensor grad_keys = at::zeros({quantized ? 0 : num_nodes, dim}, probes_c.options());
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, keys.scalar_type(), "score_children", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kChar, keys.scalar_type(), "score_children", [&] {
     using key_t = scalar_t;
     with_compute_type(acc, [&](auto acc_zero) {
       using acc_t = decltype(acc_zero);
@@ -124,6 +137,7 @@ std::tuple<at::Tensor, at::Tensor> score_children_backward(const at::Tensor& gra
       acc_t* coef_data = coef.data_ptr<acc_t>();
       acc_t* grad_probe_data = grad_probes.data_ptr<acc_t>();
       acc_t* grad_key_data = grad_keys.data_ptr<acc_t>();
+      const float* scale_data = quantized ? scales_c.data_ptr<float>() : nullptr;
 
       // Per query: recompute the probe scores of each child, turn the incoming gradient into
       // per-probe coefficients, and accumulate the probes' gradient. Rows are independent.
@@ -137,12 +151,18 @@ std::tuple<at::Tensor, at::Tensor> score_children_backward(const at::Tensor& gra
             if (child < 0 || grad == acc_t(0)) continue;
             const key_t* key = key_data + child * dim;
             multi_dot(row_probes, num_probes, dim, key, dots.data());
+            // int8 keys: d score / d probe = scale * q, so the raw row is added with weight c * scale.
+            acc_t row_scale = acc_t(1);
+            if constexpr (std::is_same_v<key_t, int8_t>) {
+              row_scale = static_cast<acc_t>(scale_data[child]);
+              scale_dots(dots.data(), num_probes, row_scale);
+            }
             reduce_probes_grad(dots.data(), num_probes, lse, reduce_probes(dots.data(), num_probes, lse),
                                weights.data());
             for (int64_t p = 0; p < num_probes; ++p) {
               const acc_t c = grad * weights[p];
-              coef_data[(b * num_slots + s) * num_probes + p] = c;
-              axpy(grad_probe_data + (b * num_probes + p) * dim, c, key, dim);
+              if constexpr (!std::is_same_v<key_t, int8_t>) coef_data[(b * num_slots + s) * num_probes + p] = c;
+              axpy(grad_probe_data + (b * num_probes + p) * dim, c * row_scale, key, dim);
             }
           }
         }
@@ -150,6 +170,7 @@ std::tuple<at::Tensor, at::Tensor> score_children_backward(const at::Tensor& gra
 
       // Keys' gradient: several slots may share a child, so each thread owns a band of columns
       // and visits every slot: no atomics, and the summation order is fixed (deterministic).
+      if (quantized) return;
       at::parallel_for(0, dim, 16, [&](int64_t col_begin, int64_t col_end) {
         for (int64_t b = 0; b < batch; ++b) {
           for (int64_t s = 0; s < num_slots; ++s) {
@@ -163,7 +184,7 @@ std::tuple<at::Tensor, at::Tensor> score_children_backward(const at::Tensor& gra
       });
     });
   });
-  return {grad_probes.to(probes.scalar_type()), grad_keys.to(keys.scalar_type())};
+  return {grad_probes.to(probes.scalar_type()), quantized ? grad_keys : grad_keys.to(keys.scalar_type())};
 }
 
 }  // namespace mllm::cpu

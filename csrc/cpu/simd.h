@@ -1,6 +1,7 @@
 // Vectorised inner loops of the CPU kernels: several dot products against one row read once,
 // and a scaled row added to an accumulator. Half-precision rows are widened to float32 in
-// registers (F16C / AVX-512 conversions); accumulation is float32 (or float64 for float64).
+// registers (F16C / AVX-512 conversions), int8 rows (quantised keys) sign-extended to int32 and
+// converted to float32 (exact); accumulation is float32 (or float64 for float64).
 //
 // The SIMD paths are chosen at compile time from the target flags (setup.py builds with
 // -march=native unless MLLM_CPU_ARCH says otherwise); every other case uses the scalar loop.
@@ -21,6 +22,7 @@ namespace mllm::cpu {
 #define MLLM_SIMD_WIDTH 16
 using vfloat = __m512;
 inline vfloat vzero() { return _mm512_setzero_ps(); }
+inline vfloat vadd(vfloat a, vfloat b) { return _mm512_add_ps(a, b); }
 inline vfloat vset1(float v) { return _mm512_set1_ps(v); }
 inline vfloat vload(const float* p) { return _mm512_loadu_ps(p); }
 inline vfloat vload(const c10::Half* p) {
@@ -29,6 +31,9 @@ inline vfloat vload(const c10::Half* p) {
 inline vfloat vload(const c10::BFloat16* p) {
   const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+inline vfloat vload(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm512_fmadd_ps(a, b, c); }
 inline float vsum(vfloat v) {
@@ -47,6 +52,7 @@ inline __m256 fold256(vfloat v) {
 #define MLLM_SIMD_WIDTH 8
 using vfloat = __m256;
 inline vfloat vzero() { return _mm256_setzero_ps(); }
+inline vfloat vadd(vfloat a, vfloat b) { return _mm256_add_ps(a, b); }
 inline vfloat vset1(float v) { return _mm256_set1_ps(v); }
 inline vfloat vload(const float* p) { return _mm256_loadu_ps(p); }
 inline vfloat vload(const c10::Half* p) {
@@ -55,6 +61,9 @@ inline vfloat vload(const c10::Half* p) {
 inline vfloat vload(const c10::BFloat16* p) {
   const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+inline vfloat vload(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm256_fmadd_ps(a, b, c); }
 inline float vsum(vfloat v) {
@@ -78,9 +87,87 @@ inline void vsum4(const vfloat* v, float* out) {
 }
 #endif
 
+#if MLLM_SIMD_WIDTH
+namespace detail {
+// Independent accumulators per dot product: an FMA waits ~4 cycles for its accumulator, so a
+// block of few rows splits each dot product over several accumulators (summed at the end) to
+// keep 8 or more FMAs in flight. It depends only on kRows, so a row scored alone or in a pair
+// gets the same rounding.
+template <int kRows>
+constexpr int kSplits = kRows == 1 ? 4 : kRows == 2 ? 2 : 1;
+
+// out[x][r] = <rows[r, :], xs[x]> for r < kRows (up to four) and x < kX (one or two vectors):
+// each load of a row feeds every x, each load of an x every row.
+template <int kRows, int kX, typename x_t>
+inline void dot_tile(const float* rows, int64_t dim, const x_t* const* xs, float* const* out) {
+  constexpr int W = MLLM_SIMD_WIDTH, S = kSplits<kRows>;
+  vfloat acc[kX][kRows][S];
+  for (int x = 0; x < kX; ++x)
+    for (int r = 0; r < kRows; ++r)
+      for (int u = 0; u < S; ++u) acc[x][r][u] = vzero();
+  int64_t d = 0;
+  for (; d + S * W <= dim; d += S * W)
+    for (int u = 0; u < S; ++u) {
+      vfloat xv[kX];
+      for (int x = 0; x < kX; ++x) xv[x] = vload(xs[x] + d + u * W);
+      for (int r = 0; r < kRows; ++r) {
+        const vfloat row = vload(rows + r * dim + d + u * W);
+        for (int x = 0; x < kX; ++x) acc[x][r][u] = vfma(row, xv[x], acc[x][r][u]);
+      }
+    }
+  for (; d + W <= dim; d += W)
+    for (int x = 0; x < kX; ++x) {
+      const vfloat xv = vload(xs[x] + d);
+      for (int r = 0; r < kRows; ++r) acc[x][r][0] = vfma(vload(rows + r * dim + d), xv, acc[x][r][0]);
+    }
+  for (int x = 0; x < kX; ++x) {
+    vfloat sums[kRows];
+    for (int r = 0; r < kRows; ++r) {
+      sums[r] = acc[x][r][0];
+      for (int u = 1; u < S; ++u) sums[r] = vadd(sums[r], acc[x][r][u]);
+    }
+    if constexpr (kRows == 4) {
+      vsum4(sums, out[x]);
+    } else {
+      for (int r = 0; r < kRows; ++r) out[x][r] = vsum(sums[r]);
+    }
+    for (int64_t e = d; e < dim; ++e)
+      for (int r = 0; r < kRows; ++r) out[x][r] += rows[r * dim + e] * static_cast<float>(xs[x][e]);
+  }
+}
+
+template <int kX, typename x_t>
+inline void multi_dot_simd(const float* rows, int64_t num_rows, int64_t dim, const x_t* const* xs, float* const* out) {
+  int64_t p = 0;
+  auto tile = [&](auto rows_in_tile) {
+    constexpr int R = decltype(rows_in_tile)::value;
+    float* out_p[kX];
+    for (int x = 0; x < kX; ++x) out_p[x] = out[x] + p;
+    dot_tile<R, kX>(rows + p * dim, dim, xs, out_p);
+    p += R;
+  };
+  while (p + 4 <= num_rows) tile(std::integral_constant<int, 4>{});
+  switch (num_rows - p) {
+    case 3: tile(std::integral_constant<int, 3>{}); break;
+    case 2: tile(std::integral_constant<int, 2>{}); break;
+    case 1: tile(std::integral_constant<int, 1>{}); break;
+    default: break;
+  }
+}
+}  // namespace detail
+
+#endif
+
+// Whether multi_dot has a SIMD path for keys of type x_t accumulated in acc_t.
+template <typename acc_t, typename x_t>
+constexpr bool kSimdDot = MLLM_SIMD_WIDTH && std::is_same_v<acc_t, float> && !std::is_same_v<x_t, double>;
+
 // out[p] = <rows[p, :], x> for p < num_rows, reading x once. rows: [num_rows, dim] contiguous.
 template <typename acc_t, typename x_t>
 inline void multi_dot(const acc_t* rows, int64_t num_rows, int64_t dim, const x_t* x, acc_t* out) {
+#if MLLM_SIMD_WIDTH
+  if constexpr (kSimdDot<acc_t, x_t>) return detail::multi_dot_simd<1>(rows, num_rows, dim, &x, &out);
+#endif
   for (int64_t p = 0; p < num_rows; ++p) {
     acc_t sum = 0;
     const acc_t* row = rows + p * dim;
@@ -89,56 +176,21 @@ inline void multi_dot(const acc_t* rows, int64_t num_rows, int64_t dim, const x_
   }
 }
 
+// multi_dot against two vectors at once (out0 for x0, out1 for x1), with the same rounding as
+// two multi_dot calls.
+template <typename acc_t, typename x_t>
+inline void multi_dot2(const acc_t* rows, int64_t num_rows, int64_t dim, const x_t* x0, const x_t* x1,
+                       acc_t* out0, acc_t* out1) {
 #if MLLM_SIMD_WIDTH
-namespace detail {
-// Up to four dot products sharing each load of x.
-template <int kRows, typename x_t>
-inline void dot_block(const float* rows, int64_t dim, const x_t* x, float* out) {
-  constexpr int W = MLLM_SIMD_WIDTH;
-  vfloat acc[kRows];
-  for (int r = 0; r < kRows; ++r) acc[r] = vzero();
-  int64_t d = 0;
-  for (; d + W <= dim; d += W) {
-    const vfloat xv = vload(x + d);
-    for (int r = 0; r < kRows; ++r) acc[r] = vfma(vload(rows + r * dim + d), xv, acc[r]);
+  if constexpr (kSimdDot<acc_t, x_t>) {
+    const x_t* xs[2] = {x0, x1};
+    acc_t* outs[2] = {out0, out1};
+    return detail::multi_dot_simd<2>(rows, num_rows, dim, xs, outs);
   }
-  if constexpr (kRows == 4) {
-    vsum4(acc, out);
-  } else {
-    for (int r = 0; r < kRows; ++r) out[r] = vsum(acc[r]);
-  }
-  for (; d < dim; ++d)
-    for (int r = 0; r < kRows; ++r) out[r] += rows[r * dim + d] * static_cast<float>(x[d]);
-}
-
-template <typename x_t>
-inline void multi_dot_simd(const float* rows, int64_t num_rows, int64_t dim, const x_t* x, float* out) {
-  int64_t p = 0;
-  for (; p + 4 <= num_rows; p += 4) dot_block<4>(rows + p * dim, dim, x, out + p);
-  switch (num_rows - p) {
-    case 3: dot_block<3>(rows + p * dim, dim, x, out + p); break;
-    case 2: dot_block<2>(rows + p * dim, dim, x, out + p); break;
-    case 1: dot_block<1>(rows + p * dim, dim, x, out + p); break;
-    default: break;
-  }
-}
-}  // namespace detail
-
-template <>
-inline void multi_dot<float, float>(const float* rows, int64_t n, int64_t dim, const float* x, float* out) {
-  detail::multi_dot_simd(rows, n, dim, x, out);
-}
-template <>
-inline void multi_dot<float, c10::Half>(const float* rows, int64_t n, int64_t dim, const c10::Half* x,
-                                        float* out) {
-  detail::multi_dot_simd(rows, n, dim, x, out);
-}
-template <>
-inline void multi_dot<float, c10::BFloat16>(const float* rows, int64_t n, int64_t dim, const c10::BFloat16* x,
-                                            float* out) {
-  detail::multi_dot_simd(rows, n, dim, x, out);
-}
 #endif
+  multi_dot(rows, num_rows, dim, x0, out0);
+  multi_dot(rows, num_rows, dim, x1, out1);
+}
 
 // acc[d] += sum_r weights[r] * x[r * stride + d] for d < dim, over num_rows rows of x that are
 // `stride` elements apart: each accumulator vector is loaded and stored once per call, not once
@@ -169,9 +221,7 @@ inline void axpy(acc_t* acc, acc_t weight, const x_t* x, int64_t dim) {
   axpy_rows(acc, &weight, x, 1, dim, dim);
 }
 
-// How many key rows ahead of the one being scored the kernels prefetch. Scoring one key at a
-// time with a software prefetch beat 2- and 4-key register tiles on levels larger than the
-// caches (the tiles win only when the keys are cached).
+// How many key rows ahead of the ones being scored the kernels prefetch.
 constexpr int64_t kPrefetchRows = 8;
 
 // Prefetches the row at `p` (`bytes` long) into the caches.

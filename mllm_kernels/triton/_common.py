@@ -52,11 +52,13 @@ def log2(n: int) -> int:
 
 
 @triton.jit
-def probe_scores(probe_row, P, D, keys_ptr, child, valid, LSE: tl.constexpr,
+def probe_scores(probe_row, P, D, keys_ptr, scales_ptr, child, valid, LSE: tl.constexpr, HAS_SCALES: tl.constexpr,
                  BS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
     """Dots ``[BLOCK_P, BS]`` of the row's probes with the slots' keys, and their reduction.
 
-    ``dots[p, s] = <probes[b, p], keys[child[s]]>`` in ``ACC``: ``probe_row`` points at
+    ``dots[p, s] = <probes[b, p], keys[child[s]]>`` in ``ACC``, times ``scales[child[s]]`` with
+    HAS_SCALES (int8 keys: the row is converted exactly, the scale applied once to the raw dot
+    product, before the probe reduction). ``probe_row`` points at
     ``probes[b]`` (``[P, D]`` contiguous); invalid slots and padded probes / columns load as
     zeros; D is walked in ``BLOCK_D`` chunks. Every slot is computed by the same operations, so
     equal keys get bit-identical scores (exact ties). The score reduces the P real probes with
@@ -75,6 +77,8 @@ def probe_scores(probe_row, P, D, keys_ptr, child, valid, LSE: tl.constexpr,
         kr = tl.load(keys_ptr + row[:, None] + offs_d[None, :],
                      mask=valid[:, None] & dmask[None, :], other=0.0).to(ACC)
         dots += tl.reduce(pr[:, None, :] * kr[None, :, :], 2, SUM)
+    if HAS_SCALES:
+        dots = dots * tl.load(scales_ptr + child, mask=valid, other=0.0).to(ACC)[None, :]
     isnan = dots != dots  # noqa: PLR0124 (NaN test)
     real = pmask[:, None]
     d = tl.where(real & ~isnan, dots, float("-inf"))

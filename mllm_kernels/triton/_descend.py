@@ -12,7 +12,7 @@ cannot enter the running top-R is skipped.
 ``descend_tree`` loops over the levels inside the program: level 0 takes every node as a
 candidate, level l > 0 reads back the ids level l - 1 just stored (after a barrier). Per-level
 pointers, sizes and block shapes are passed as tuples, so the kernel is specialised on the
-number of levels and each level keeps its own dtype.
+number of levels and each level keeps its own dtype (int8 levels with their scales: HAS_SCALES).
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ from ._common import I64_MAX, I64_MIN, MAX, key_score, probe_scores, push_top
 
 
 @triton.jit
-def _select_row(probe_row, P, D, keys_ptr, N, mask_ptr, parent_row, T, fanout, width, t,
+def _select_row(probe_row, P, D, keys_ptr, scales_ptr, N, mask_ptr, parent_row, T, fanout, width, t,
                 out_ids_row, out_scores_row,
-                TOP: tl.constexpr, HAS_MASK: tl.constexpr, LSE: tl.constexpr, F64: tl.constexpr,
+                TOP: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SCALES: tl.constexpr, LSE: tl.constexpr,
+                F64: tl.constexpr,
                 R: tl.constexpr, LOGR: tl.constexpr, BS: tl.constexpr, RANK: tl.constexpr,
                 BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
     """Top t children of one row, written to ``out_ids_row[:t]`` / ``out_scores_row[:t]``.
@@ -56,7 +57,8 @@ def _select_row(probe_row, P, D, keys_ptr, N, mask_ptr, parent_row, T, fanout, w
             valid = in_range & (parent >= 0) & (child < N)
         if HAS_MASK:
             valid = valid & (tl.load(mask_ptr + child, mask=valid, other=0) != 0)
-        _, score = probe_scores(probe_row, P, D, keys_ptr, child, valid, LSE, BS, BLOCK_P, BLOCK_D, ACC)
+        _, score = probe_scores(probe_row, P, D, keys_ptr, scales_ptr, child, valid, LSE, HAS_SCALES,
+                                BS, BLOCK_P, BLOCK_D, ACC)
         run_k, run_v = push_top(run_k, run_v, score, child, valid, F64, R, LOGR, BS, RANK)
     offs = tl.arange(0, R)
     found = run_k > I64_MIN
@@ -86,23 +88,24 @@ def _dedup_parents(parent_row, scratch_row, T, PB: tl.constexpr):
 
 
 @triton.jit
-def descend_kernel(probes_ptr, keys_ptr, parents_ptr, mask_ptr, scratch_ptr, ids_ptr, scores_ptr,
+def descend_kernel(probes_ptr, keys_ptr, scales_ptr, parents_ptr, mask_ptr, scratch_ptr, ids_ptr, scores_ptr,
                    P, D, N, T, fanout, width, t,
-                   HAS_MASK: tl.constexpr, LSE: tl.constexpr, F64: tl.constexpr,
+                   HAS_MASK: tl.constexpr, HAS_SCALES: tl.constexpr, LSE: tl.constexpr, F64: tl.constexpr,
                    R: tl.constexpr, LOGR: tl.constexpr, BS: tl.constexpr, RANK: tl.constexpr, PB: tl.constexpr,
                    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     scratch_row = scratch_ptr + b * T
     _dedup_parents(parents_ptr + b * T, scratch_row, T, PB)
     tl.debug_barrier()
-    _select_row(probes_ptr + b * P * D, P, D, keys_ptr, N, mask_ptr, scratch_row, T, fanout, width, t,
+    _select_row(probes_ptr + b * P * D, P, D, keys_ptr, scales_ptr, N, mask_ptr, scratch_row, T, fanout, width, t,
                 ids_ptr + b * t, scores_ptr + b * t,
-                False, HAS_MASK, LSE, F64, R, LOGR, BS, RANK, BLOCK_P, BLOCK_D)
+                False, HAS_MASK, HAS_SCALES, LSE, F64, R, LOGR, BS, RANK, BLOCK_P, BLOCK_D)
 
 
 @triton.jit
-def descend_tree_kernel(probes, keys, masks, ids, scores, Ps, Ds, Ns, widths, ts, fanout,
-                        L: tl.constexpr, HAS_MASK: tl.constexpr, F64: tl.constexpr, LSE: tl.constexpr,
+def descend_tree_kernel(probes, keys, scales, masks, ids, scores, Ps, Ds, Ns, widths, ts, fanout,
+                        L: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SCALES: tl.constexpr, F64: tl.constexpr,
+                        LSE: tl.constexpr,
                         R: tl.constexpr, LOGR: tl.constexpr, BS: tl.constexpr, RANK: tl.constexpr,
                         BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
     """Every argument but fanout, L and LSE is a tuple with one entry per level."""
@@ -118,7 +121,7 @@ def descend_tree_kernel(probes, keys, masks, ids, scores, Ps, Ds, Ns, widths, ts
             tl.debug_barrier()  # level - 1's ids were just stored by this program
             parent_row = ids[level - 1] + b * ts[level - 1]
             T = ts[level - 1]
-        _select_row(probes[level] + b * P * D, P, D, keys[level], Ns[level], masks[level], parent_row, T,
-                    fanout, widths[level], t, ids[level] + b * t, scores[level] + b * t,
-                    level == 0, HAS_MASK[level], LSE, F64[level], R[level], LOGR[level], BS[level],
+        _select_row(probes[level] + b * P * D, P, D, keys[level], scales[level], Ns[level], masks[level],
+                    parent_row, T, fanout, widths[level], t, ids[level] + b * t, scores[level] + b * t,
+                    level == 0, HAS_MASK[level], HAS_SCALES[level], LSE, F64[level], R[level], LOGR[level], BS[level],
                     RANK[level], BLOCK_P[level], BLOCK_D[level])

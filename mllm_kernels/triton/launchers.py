@@ -164,9 +164,14 @@ def _mask_arg(mask: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor
     return fallback if mask is None else mask.contiguous()
 
 
+def _scales_arg(key_scales: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
+    """The per-row scales of int8 keys, or any tensor (unread: HAS_SCALES is False)."""
+    return fallback if key_scales is None else key_scales.contiguous()
+
+
 def score_children(probes: torch.Tensor, keys: torch.Tensor, parents: torch.Tensor, fanout: int,
-                   reduce: str, mask: torch.Tensor | None):
-    _validate.check_children("score_children", probes, keys, parents, fanout, reduce, mask)
+                   reduce: str, mask: torch.Tensor | None, key_scales: torch.Tensor | None = None):
+    _validate.check_children("score_children", probes, keys, parents, fanout, reduce, mask, key_scales)
     probes, keys, parents = probes.contiguous(), keys.contiguous(), parents.contiguous()
     (B, P, D), N, T = probes.shape, keys.shape[0], parents.shape[1]
     acc = compute_dtype(probes, keys)
@@ -178,27 +183,33 @@ def score_children(probes: torch.Tensor, keys: torch.Tensor, parents: torch.Tens
     cpu = _on_cpu(probes)
     block_p, block_s, block_d = _score_blocks(P, D, S, cpu)
     _launch(score_children_kernel, (B, min(triton.cdiv(S, block_s), 65535)), cpu,
-            probes, keys, parents, _mask_arg(mask, parents), scores, ids, P, D, N, T, fanout,
-            HAS_MASK=mask is not None, LSE=reduce == "lse", F64=acc == torch.float64,
+            probes, keys, _scales_arg(key_scales, probes), parents, _mask_arg(mask, parents), scores, ids,
+            P, D, N, T, fanout,
+            HAS_MASK=mask is not None, HAS_SCALES=key_scales is not None, LSE=reduce == "lse",
+            F64=acc == torch.float64,
             BS=block_s, BLOCK_P=block_p, BLOCK_D=block_d)
     return scores, ids
 
 
 def score_children_backward(grad_scores: torch.Tensor, probes: torch.Tensor, keys: torch.Tensor,
-                            child_ids: torch.Tensor, reduce: str):
+                            child_ids: torch.Tensor, reduce: str, key_scales: torch.Tensor | None = None):
+    """(grad_probes, grad_keys); with int8 keys grad_keys is an empty ``[0, D]`` placeholder."""
     probes, keys = probes.contiguous(), keys.contiguous()
     grad_scores, child_ids = grad_scores.contiguous(), child_ids.contiguous()
     (B, P, D), N, S = probes.shape, keys.shape[0], child_ids.shape[1]
     acc = compute_dtype(probes, keys)
+    quantized = key_scales is not None
     grad_probes = torch.zeros((B, P, D), dtype=acc, device=probes.device)
-    grad_keys = torch.zeros((N, D), dtype=acc, device=keys.device)
+    grad_keys = torch.zeros((0 if quantized else N, D), dtype=acc, device=keys.device)
     if B > 0 and S > 0 and D > 0:
         cpu = _on_cpu(probes)
         block_p, block_s, block_d = _score_blocks(P, D, S, cpu)
         _launch(score_children_backward_kernel, (B,), cpu,
-                grad_scores, probes, keys, child_ids, grad_probes, grad_keys, P, D, S,
-                LSE=reduce == "lse", F64=acc == torch.float64, BS=block_s, BLOCK_P=block_p, BLOCK_D=block_d)
-    return grad_probes.to(probes.dtype), grad_keys.to(keys.dtype)
+                grad_scores, probes, keys, _scales_arg(key_scales, probes), child_ids, grad_probes,
+                grad_probes if quantized else grad_keys, P, D, S,
+                HAS_SCALES=quantized, LSE=reduce == "lse", F64=acc == torch.float64,
+                BS=block_s, BLOCK_P=block_p, BLOCK_D=block_d)
+    return grad_probes.to(probes.dtype), grad_keys if quantized else grad_keys.to(keys.dtype)
 
 
 # --------------------------------------------------------------------------- descend
@@ -223,8 +234,8 @@ def _select_blocks(t: int, P: int, D: int, S: int, cpu: bool):
 
 
 def descend(probes: torch.Tensor, keys: torch.Tensor, parents: torch.Tensor, fanout: int, t: int,
-            reduce: str, mask: torch.Tensor | None):
-    _validate.check_descend(probes, keys, parents, fanout, t, reduce, mask)
+            reduce: str, mask: torch.Tensor | None, key_scales: torch.Tensor | None = None):
+    _validate.check_descend(probes, keys, parents, fanout, t, reduce, mask, key_scales)
     probes, keys, parents = probes.contiguous(), keys.contiguous(), parents.contiguous()
     (B, P, D), N, T = probes.shape, keys.shape[0], parents.shape[1]
     acc = compute_dtype(probes, keys)
@@ -237,14 +248,17 @@ def descend(probes: torch.Tensor, keys: torch.Tensor, parents: torch.Tensor, fan
     R, logr, block_s, rank, block_p, block_d = _select_blocks(t, P, D, T * width, cpu)
     scratch = torch.empty((B, T), dtype=torch.int64, device=probes.device)
     _launch(descend_kernel, (B,), cpu,
-            probes, keys, parents, _mask_arg(mask, parents), scratch, ids, scores, P, D, N, T, fanout, width, t,
-            HAS_MASK=mask is not None, LSE=reduce == "lse", F64=acc == torch.float64,
+            probes, keys, _scales_arg(key_scales, probes), parents, _mask_arg(mask, parents), scratch, ids, scores,
+            P, D, N, T, fanout, width, t,
+            HAS_MASK=mask is not None, HAS_SCALES=key_scales is not None, LSE=reduce == "lse",
+            F64=acc == torch.float64,
             R=R, LOGR=logr, BS=block_s, RANK=rank, PB=64, BLOCK_P=block_p, BLOCK_D=block_d)
     return ids, scores
 
 
-def descend_tree(probes: list, keys: list, fanout: int, t: list, reduce: str, masks: list):
-    ts, masks = _validate.check_descend_tree(probes, keys, fanout, t, reduce, masks)
+def descend_tree(probes: list, keys: list, fanout: int, t: list, reduce: str, masks: list,
+                 key_scales: list | None = None):
+    ts, masks, scales = _validate.check_descend_tree(probes, keys, fanout, t, reduce, masks, key_scales)
     probes = [p.contiguous() for p in probes]
     keys = [k.contiguous() for k in keys]
     masks = [None if m is None else m.contiguous() for m in masks]
@@ -262,11 +276,13 @@ def descend_tree(probes: list, keys: list, fanout: int, t: list, reduce: str, ma
     if B == 0:
         return outputs
     _launch(descend_tree_kernel, (B,), cpu,
-            tuple(probes), tuple(keys), tuple(_mask_arg(m, k) for m, k in zip(masks, keys)),
+            tuple(probes), tuple(keys), tuple(_scales_arg(s, p) for s, p in zip(scales, probes)),
+            tuple(_mask_arg(m, k) for m, k in zip(masks, keys)),
             tuple(ids), tuple(scores),
             tuple(p.shape[1] for p in probes), tuple(p.shape[2] for p in probes),
             tuple(k.shape[0] for k in keys), tuple(widths), tuple(ts), fanout,
-            L=len(keys), HAS_MASK=tuple(m is not None for m in masks), F64=tuple(f64), LSE=reduce == "lse",
+            L=len(keys), HAS_MASK=tuple(m is not None for m in masks),
+            HAS_SCALES=tuple(s is not None for s in scales), F64=tuple(f64), LSE=reduce == "lse",
             R=tuple(b[0] for b in blocks), LOGR=tuple(b[1] for b in blocks), BS=tuple(b[2] for b in blocks),
             RANK=tuple(b[3] for b in blocks), BLOCK_P=tuple(b[4] for b in blocks), BLOCK_D=tuple(b[5] for b in blocks))
     return outputs

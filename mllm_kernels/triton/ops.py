@@ -35,26 +35,35 @@ def cls_pool_backward(grad_out: torch.Tensor, grad_lse: torch.Tensor | None, x: 
 
 @torch.library.custom_op(f"{NAMESPACE}::score_children", mutates_args=())
 def score_children(probes: torch.Tensor, keys: torch.Tensor, parents: torch.Tensor, fanout: int,
-                   reduce: str, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    return launchers.score_children(probes, keys, parents, fanout, reduce, mask)
+                   reduce: str, mask: torch.Tensor | None,
+                   key_scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return launchers.score_children(probes, keys, parents, fanout, reduce, mask, key_scales)
 
 
 @torch.library.custom_op(f"{NAMESPACE}::score_children_backward", mutates_args=())
 def score_children_backward(grad_scores: torch.Tensor, probes: torch.Tensor, keys: torch.Tensor,
-                            child_ids: torch.Tensor, reduce: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return launchers.score_children_backward(grad_scores, probes, keys, child_ids, reduce)
+                            child_ids: torch.Tensor, reduce: str,
+                            key_scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return launchers.score_children_backward(grad_scores, probes, keys, child_ids, reduce, key_scales)
 
 
 @torch.library.custom_op(f"{NAMESPACE}::descend", mutates_args=())
 def descend(probes: torch.Tensor, keys: torch.Tensor, parents: torch.Tensor, fanout: int, t: int,
-            reduce: str, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    return launchers.descend(probes, keys, parents, fanout, t, reduce, mask)
+            reduce: str, mask: torch.Tensor | None,
+            key_scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return launchers.descend(probes, keys, parents, fanout, t, reduce, mask, key_scales)
 
 
-@torch.library.custom_op(f"{NAMESPACE}::descend_tree", mutates_args=())
-def descend_tree(probes: list[torch.Tensor], keys: list[torch.Tensor], fanout: int, t: list[int],
-                 reduce: str, masks: list[torch.Tensor | None]) -> list[torch.Tensor]:
-    return launchers.descend_tree(probes, keys, fanout, t, reduce, masks)
+# The schema is spelled out: ``Tensor?[]?`` (None, or one optional tensor per level) is not
+# inferred from type hints.
+@torch.library.custom_op(
+    f"{NAMESPACE}::descend_tree",
+    mutates_args=(),
+    schema="(Tensor[] probes, Tensor[] keys, SymInt fanout, SymInt[] t, str reduce, Tensor?[] masks, "
+    "Tensor?[]? key_scales=None) -> Tensor[]",
+)
+def descend_tree(probes, keys, fanout, t, reduce, masks, key_scales=None):
+    return launchers.descend_tree(probes, keys, fanout, t, reduce, masks, key_scales)
 
 
 _fake.register(NAMESPACE)

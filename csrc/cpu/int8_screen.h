@@ -1,0 +1,283 @@
+// The int8 screen of the CPU descent: a cheap upper bound of a quantised key row's score, so
+// that rows which cannot enter the running top-t are not scored exactly.
+//
+// Why: scoring an int8 row exactly costs as much as a float16 row (P * D float32 FMAs plus the
+// conversions), so on its own int8 saves memory traffic but not compute, and the descent is
+// compute-bound on a few cores. The screen rounds each probe to int8 once per query row and
+// bounds every candidate's score from one integer dot product per probe (AVX-512 VNNI
+// vpdpbusd: 64 multiply-adds per instruction). A candidate whose bound is below the t-th best
+// score found so far is skipped; every other candidate (those entering the top t, and near
+// misses) is scored by the exact float32 path. The results are therefore identical to scoring
+// every row exactly: the screen only removes work. The bound and its rounding analysis are in
+// common/quantized.h.
+//
+// Built when the compiler targets AVX-512 VNNI and BW (MLLM_INT8_SCREEN); elsewhere prepare()
+// returns false and every row is scored exactly.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "../common/quantized.h"
+
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define MLLM_INT8_SCREEN 1
+#else
+#define MLLM_INT8_SCREEN 0
+#endif
+
+namespace mllm::cpu {
+
+#if MLLM_INT8_SCREEN
+namespace detail {
+
+// max, permute and permutexvar with an explicit pass-through operand: GCC 12's plain intrinsics
+// pass an undefined vector, which trips -Wuninitialized once inlined (GCC bug 105593).
+inline __m512 max_ps(__m512 a, __m512 b) { return _mm512_mask_max_ps(a, 0xFFFF, a, b); }
+template <int kImm>
+inline __m512 permute_ps(__m512 a) {
+  return _mm512_mask_permute_ps(a, 0xFFFF, a, kImm);
+}
+inline __m512 permutexvar_ps(__m512i index, __m512 a) { return _mm512_mask_permutexvar_ps(a, 0xFFFF, index, a); }
+inline __m512i permutexvar_epi32(__m512i index, __m512i a) {
+  return _mm512_mask_permutexvar_epi32(a, 0xFFFF, index, a);
+}
+
+// Lane i of the result: the sum of the 16 int32 lanes of v[i], i < 16 (a transposed reduction:
+// four levels of pairwise shuffles and adds instead of sixteen horizontal sums).
+__attribute__((always_inline)) inline __m512i reduce16_epi32(const __m512i* v) {
+  // 64-bit lane indices of two-source permutes (8 + i: lane i of the second source). Permutes
+  // rather than _mm512_shuffle_i64x2, whose GCC 12 expansion trips -Wuninitialized.
+  const __m512i low = _mm512_setr_epi64(0, 1, 2, 3, 8, 9, 10, 11);    // 256-bit halves 0 of a, b
+  const __m512i high = _mm512_setr_epi64(4, 5, 6, 7, 12, 13, 14, 15);  // halves 1
+  const __m512i even = _mm512_setr_epi64(0, 1, 4, 5, 8, 9, 12, 13);   // 128-bit quarters 0, 2
+  const __m512i odd = _mm512_setr_epi64(2, 3, 6, 7, 10, 11, 14, 15);   // quarters 1, 3
+  __m512i w[8];
+  for (int i = 0; i < 8; ++i) {  // w[i] = [v[2i] folded to 8 lanes | v[2i+1] folded to 8 lanes]
+    const __m512i a = v[2 * i], b = v[2 * i + 1];
+    w[i] = _mm512_add_epi32(_mm512_permutex2var_epi64(a, low, b), _mm512_permutex2var_epi64(a, high, b));
+  }
+  __m512i x[4];
+  for (int i = 0; i < 4; ++i) {  // x[i]: 128-bit quarter q holds 4 lanes of v[4i + q]
+    const __m512i a = w[2 * i], b = w[2 * i + 1];
+    x[i] = _mm512_add_epi32(_mm512_permutex2var_epi64(a, even, b), _mm512_permutex2var_epi64(a, odd, b));
+  }
+  // y0 quarter q: 2 lanes of v[q], 2 of v[4 + q]; y1: v[8 + q], v[12 + q]
+  const __m512i y0 = _mm512_add_epi32(_mm512_unpacklo_epi64(x[0], x[1]), _mm512_unpackhi_epi64(x[0], x[1]));
+  const __m512i y1 = _mm512_add_epi32(_mm512_unpacklo_epi64(x[2], x[3]), _mm512_unpackhi_epi64(x[2], x[3]));
+  // z quarter q: the sums of v[q], v[4 + q], v[8 + q], v[12 + q]
+  const __m512 f0 = _mm512_castsi512_ps(y0), f1 = _mm512_castsi512_ps(y1);
+  const __m512i z = _mm512_add_epi32(_mm512_castps_si512(_mm512_shuffle_ps(f0, f1, _MM_SHUFFLE(2, 0, 2, 0))),
+                                     _mm512_castps_si512(_mm512_shuffle_ps(f0, f1, _MM_SHUFFLE(3, 1, 3, 1))));
+  return permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), z);
+}
+
+// sums[4 * j + r] = sum_d (keys[j][d] + 128) * digits[r * stride + d] for 4 key rows j and
+// r < kProbes (0 for r >= kProbes); int32, exact for dim <= 65536. Bytes past dim are masked off
+// (the digits are zero there).
+template <int kProbes>
+__attribute__((always_inline)) inline void screen_dots(const int8_t* const* keys, const int8_t* digits, int64_t stride, int64_t dim,
+                        int32_t* sums) {
+  __m512i acc[16];
+  for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_si512();
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));  // int8 q -> uint8 q + 128
+  const int8_t *k0 = keys[0], *k1 = keys[1], *k2 = keys[2], *k3 = keys[3];
+  int64_t d = 0;
+  for (; d + 64 <= dim; d += 64) {
+    const __m512i q0 = _mm512_xor_si512(_mm512_loadu_si512(k0 + d), flip);
+    const __m512i q1 = _mm512_xor_si512(_mm512_loadu_si512(k1 + d), flip);
+    const __m512i q2 = _mm512_xor_si512(_mm512_loadu_si512(k2 + d), flip);
+    const __m512i q3 = _mm512_xor_si512(_mm512_loadu_si512(k3 + d), flip);
+    for (int r = 0; r < kProbes; ++r) {
+      const __m512i g = _mm512_loadu_si512(digits + r * stride + d);
+      acc[r] = _mm512_dpbusd_epi32(acc[r], q0, g);
+      acc[4 + r] = _mm512_dpbusd_epi32(acc[4 + r], q1, g);
+      acc[8 + r] = _mm512_dpbusd_epi32(acc[8 + r], q2, g);
+      acc[12 + r] = _mm512_dpbusd_epi32(acc[12 + r], q3, g);
+    }
+  }
+  if (d < dim) {
+    const __mmask64 tail = ~0ULL >> (64 - (dim - d));
+    const __m512i q0 = _mm512_xor_si512(_mm512_maskz_loadu_epi8(tail, k0 + d), flip);
+    const __m512i q1 = _mm512_xor_si512(_mm512_maskz_loadu_epi8(tail, k1 + d), flip);
+    const __m512i q2 = _mm512_xor_si512(_mm512_maskz_loadu_epi8(tail, k2 + d), flip);
+    const __m512i q3 = _mm512_xor_si512(_mm512_maskz_loadu_epi8(tail, k3 + d), flip);
+    for (int r = 0; r < kProbes; ++r) {
+      const __m512i g = _mm512_loadu_si512(digits + r * stride + d);
+      acc[r] = _mm512_dpbusd_epi32(acc[r], q0, g);
+      acc[4 + r] = _mm512_dpbusd_epi32(acc[4 + r], q1, g);
+      acc[8 + r] = _mm512_dpbusd_epi32(acc[8 + r], q2, g);
+      acc[12 + r] = _mm512_dpbusd_epi32(acc[12 + r], q3, g);
+    }
+  }
+  _mm512_storeu_si512(sums, reduce16_epi32(acc));
+}
+
+}  // namespace detail
+#endif
+
+class Int8Screen {
+ public:
+  // Keys bounded per call.
+  static constexpr int kKeys = 4;
+
+  // Rounds the probes [num_probes, dim] (float32, contiguous) of one query row to int8 digits.
+  // Returns false, and the screen must not be used, when the screen is not built, a probe holds
+  // NaN or infinity, or dim exceeds what int32 sums hold exactly.
+  bool prepare(const float* probes, int64_t num_probes, int64_t dim) {
+#if MLLM_INT8_SCREEN
+    if (dim > 65536 || num_probes < 1) return false;
+    num_probes_ = num_probes;
+    log_num_probes_ = static_cast<float>(std::log(static_cast<double>(num_probes)));
+    dim_ = dim;
+    stride_ = (dim + 63) / 64 * 64;
+    const int64_t blocks = (num_probes + 3) / 4;
+    digits_.assign(blocks * 4 * stride_, 0);
+    // Unused lanes of the last block: A = 0 and slack = -inf give a bound of -inf.
+    scale_.assign(blocks * 4, 0.0f);
+    slack_.assign(blocks * 4, -INFINITY);
+    correction_.assign(blocks * 4, 0);
+    // float sums of D non-negative terms are within gamma(D) of the real sum: inflate them.
+    const double sum_inflate = 1.0 + 2.0 * float_sum_gamma(dim + 16);
+    const double gamma = float_sum_gamma(dim + 16);  // the float32 dot product's own rounding
+    for (int64_t p = 0; p < num_probes; ++p) {
+      const float* row = probes + p * dim;
+      int64_t d = 0;
+      __m512 vmax = _mm512_setzero_ps(), vabs = _mm512_setzero_ps();
+      __m512 finite = _mm512_setzero_ps();  // x * 0 is 0 for finite x, NaN otherwise
+      for (; d + 16 <= dim; d += 16) {
+        const __m512 x = _mm512_loadu_ps(row + d);
+        vmax = detail::max_ps(vmax, _mm512_abs_ps(x));
+        vabs = _mm512_add_ps(vabs, _mm512_abs_ps(x));
+        finite = _mm512_add_ps(finite, _mm512_mul_ps(x, _mm512_setzero_ps()));
+      }
+      float max_abs = _mm512_reduce_max_ps(vmax);
+      double abs_sum = _mm512_reduce_add_ps(vabs);
+      bool ok = _mm512_reduce_add_ps(finite) == 0.0f;
+      for (; d < dim; ++d) {
+        ok = ok && std::isfinite(row[d]);
+        max_abs = std::max(max_abs, std::fabs(row[d]));
+        abs_sum += std::fabs(row[d]);
+      }
+      if (!ok || !std::isfinite(max_abs)) return false;
+      const float s = max_abs / kInt8KeyMax;
+      const float inv = max_abs > 0 ? kInt8KeyMax / max_abs : 0.0f;
+      int8_t* digits = digits_.data() + p * stride_;
+      // Digits r = round(p * inv) clamped to [-127, 127]; the bound uses the exact errors
+      // p - s * r (one fused rounding each), whatever rounding produced r.
+      __m512 verr = _mm512_setzero_ps();
+      __m512i vsum = _mm512_setzero_si512();
+      const __m512 vs = _mm512_set1_ps(s), vinv = _mm512_set1_ps(inv);
+      const __m512i lo = _mm512_set1_epi32(-kInt8KeyMax), hi = _mm512_set1_epi32(kInt8KeyMax);
+      for (d = 0; d + 16 <= dim; d += 16) {
+        const __m512 x = _mm512_loadu_ps(row + d);
+        const __m512i r = _mm512_min_epi32(hi, _mm512_max_epi32(lo, _mm512_cvtps_epi32(_mm512_mul_ps(x, vinv))));
+        verr = _mm512_add_ps(verr, _mm512_abs_ps(_mm512_fnmadd_ps(vs, _mm512_cvtepi32_ps(r), x)));
+        vsum = _mm512_add_epi32(vsum, r);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(digits + d), _mm512_cvtepi32_epi8(r));
+      }
+      double err = _mm512_reduce_add_ps(verr);
+      int64_t digit_sum = _mm512_reduce_add_epi32(vsum);
+      for (; d < dim; ++d) {
+        const int r = std::clamp(static_cast<int>(std::nearbyint(row[d] * inv)), -kInt8KeyMax, kInt8KeyMax);
+        err += std::fabs(std::fma(-s, static_cast<float>(r), row[d]));
+        digit_sum += r;
+        digits[d] = static_cast<int8_t>(r);
+      }
+      // Each |p - s r| term is within 2^-24 of its float value, each sum within gamma(D).
+      const double err_bound = err * sum_inflate * (1.0 + 0x1p-23);
+      scale_[p] = s;
+      // Rounded up to float (the relative 2^-22 exceeds a float rounding).
+      slack_[p] = static_cast<float>(kInt8KeyMax * (err_bound + gamma * abs_sum * sum_inflate) * (1.0 + 0x1p-22));
+      correction_[p] = static_cast<int32_t>(128 * digit_sum);  // |128 * sum r| <= 128 * 127 * 65536
+    }
+    return true;
+#else
+    (void)probes;
+    (void)num_probes;
+    (void)dim;
+    return false;
+#endif
+  }
+
+  // Which of the int8 rows keys[j] (scales[j]), j < kKeys, might score at least `threshold` in
+  // descend_row's float32 arithmetic (max or logsumexp over the probes): bit j is clear only when
+  // the row's score is certainly below it. bounds[j] gets the row's upper bound (NaN when none is
+  // known: rows with a non-finite scale, which are always kept). Only after a successful
+  // prepare().
+  unsigned survivors(const int8_t* const* keys, const float* scales, bool lse, float threshold,
+                     float* bounds) const {
+#if MLLM_INT8_SCREEN
+    // Lane 4 j + r: key j, probe r of a block of 4. Per key, the largest s_r <r, q> + slack_r
+    // (pos) and -s_r <r, q> + slack_r (neg) over the probes: its bound is k * pos for a scale
+    // k >= 0, |k| * neg otherwise. float32, with margins for its roundings (see below).
+    __m512 pos = _mm512_set1_ps(-INFINITY), neg = _mm512_set1_ps(-INFINITY);
+    alignas(64) int32_t sums[16];
+    for (int64_t p0 = 0; p0 < num_probes_; p0 += 4) {
+      const int8_t* digits = digits_.data() + p0 * stride_;
+      switch (std::min<int64_t>(4, num_probes_ - p0)) {
+        case 4: detail::screen_dots<4>(keys, digits, stride_, dim_, sums); break;
+        case 3: detail::screen_dots<3>(keys, digits, stride_, dim_, sums); break;
+        case 2: detail::screen_dots<2>(keys, digits, stride_, dim_, sums); break;
+        default: detail::screen_dots<1>(keys, digits, stride_, dim_, sums); break;
+      }
+      const __m512 scale = _mm512_broadcast_f32x4(_mm_loadu_ps(scale_.data() + p0));
+      const __m512 slack = _mm512_broadcast_f32x4(_mm_loadu_ps(slack_.data() + p0));
+      const __m512i correction =
+          _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(correction_.data() + p0)));
+      // <r, q> = sums - 128 sum_d r_d: exact in int32 (|<r, q>| <= 127^2 D); A = s <r, q> rounds twice.
+      const __m512 a = _mm512_mul_ps(scale, _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(sums), correction)));
+      // 2^-20 (|A| + slack) covers those roundings and that of the sums below (cancellation).
+      const __m512 margin = _mm512_mul_ps(_mm512_add_ps(_mm512_abs_ps(a), slack), _mm512_set1_ps(0x1p-20f));
+      pos = detail::max_ps(pos, _mm512_add_ps(_mm512_add_ps(slack, a), margin));
+      neg = detail::max_ps(neg, _mm512_add_ps(_mm512_sub_ps(slack, a), margin));
+    }
+    // Every lane of a key's 128-bit group gets the group's maximum.
+    auto group_max = [](__m512 v) {
+      v = detail::max_ps(v, detail::permute_ps<_MM_SHUFFLE(2, 3, 0, 1)>(v));
+      return detail::max_ps(v, detail::permute_ps<_MM_SHUFFLE(1, 0, 3, 2)>(v));
+    };
+    const __m512 k = detail::permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+                                           _mm512_castps128_ps512(_mm_loadu_ps(scales)));
+    const __m512 abs_k = _mm512_abs_ps(k);
+    const __mmask16 negative = _mm512_cmp_ps_mask(k, _mm512_setzero_ps(), _CMP_LT_OQ);
+    __m512 bound = _mm512_mul_ps(abs_k, _mm512_mask_blend_ps(negative, group_max(pos), group_max(neg)));
+    bound = _mm512_fmadd_ps(_mm512_abs_ps(bound), _mm512_set1_ps(float(kScoreBoundRelative)), bound);
+    if (lse) {
+      bound = _mm512_add_ps(bound, _mm512_set1_ps(log_num_probes_));
+      bound = _mm512_add_ps(_mm512_fmadd_ps(_mm512_abs_ps(bound), _mm512_set1_ps(float(kLseBoundRelative)), bound),
+                            _mm512_set1_ps(float(kLseBoundAbsolute)));
+    }
+    // No bound for a non-finite scale; kept: not (bound < threshold), NaN included.
+    bound = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(abs_k, _mm512_set1_ps(INFINITY), _CMP_NLT_UQ), bound,
+                                 _mm512_set1_ps(NAN));
+    const unsigned kept = _mm512_cmp_ps_mask(bound, _mm512_set1_ps(threshold), _CMP_NLT_UQ);
+    alignas(64) float lanes[16];
+    _mm512_store_ps(lanes, bound);
+    for (int j = 0; j < kKeys; ++j) bounds[j] = lanes[4 * j];  // lanes 0, 4, 8, 12: keys 0..3
+    return (kept & 1u) | (kept >> 3 & 2u) | (kept >> 6 & 4u) | (kept >> 9 & 8u);
+#else
+    (void)keys;
+    (void)scales;
+    (void)lse;
+    (void)threshold;
+    for (int j = 0; j < kKeys; ++j) bounds[j] = NAN;
+    return (1u << kKeys) - 1;
+#endif
+  }
+
+ private:
+  int64_t num_probes_ = 0, dim_ = 0, stride_ = 0;
+  float log_num_probes_ = 0;  // the logsumexp of P values is at most their max + log(P)
+  std::vector<int8_t> digits_;  // [ceil(P / 4) * 4, stride_]: the probes' int8 digits, zero past dim
+  // Per probe (padded to whole blocks of 4): s = max |p| / 127; the slack
+  // 127 * (sum |p - s r| + gamma(D) sum |p|), inflated for its own rounding (-inf for padding);
+  // 128 * sum_d r_d (the keys enter the integer dot product as q + 128).
+  std::vector<float> scale_, slack_;
+  std::vector<int32_t> correction_;
+};
+
+}  // namespace mllm::cpu
