@@ -11,27 +11,70 @@
 // every row exactly: the screen only removes work. The bound and its rounding analysis are in
 // common/quantized.h.
 //
-// Built when the compiler targets AVX-512 VNNI and BW (MLLM_INT8_SCREEN); elsewhere prepare()
-// returns false and every row is scored exactly.
+// Built when the compiler targets AVX-512 VNNI and BW (vpdpbusd), or else AVX2 (vpmaddubsw, 32
+// multiply-adds per instruction, widened by vpmaddwd); elsewhere prepare() returns false and every
+// row is scored exactly.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "../common/quantized.h"
 
+// MLLM_INT8_SCREEN: 0 (no screen), MLLM_SCREEN_VNNI or MLLM_SCREEN_AVX2, whichever the target allows.
+#define MLLM_SCREEN_VNNI 1
+#define MLLM_SCREEN_AVX2 2
 #if (defined(__x86_64__) || defined(_M_X64)) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #include <immintrin.h>
-#define MLLM_INT8_SCREEN 1
+#define MLLM_INT8_SCREEN MLLM_SCREEN_VNNI
+#elif (defined(__x86_64__) || defined(_M_X64)) && defined(__AVX2__)
+#include <immintrin.h>
+#define MLLM_INT8_SCREEN MLLM_SCREEN_AVX2
 #else
 #define MLLM_INT8_SCREEN 0
 #endif
 
 namespace mllm::cpu {
 
+// Largest magnitude of a probe's digit. vpdpbusd sums four u8 x s8 products in int32: the full
+// int8 range. vpmaddubsw (AVX2) sums two in int16 with saturation: with the keys offset to
+// [1, 255] the digits must stay within 63 so that 2 * 255 * 63 < 2^15.
+constexpr int kScreenDigitMax = MLLM_INT8_SCREEN == MLLM_SCREEN_VNNI ? kInt8KeyMax : 63;
+
 #if MLLM_INT8_SCREEN
+namespace detail {
+// A probe row's max |x|, sum |x| (float sums, see prepare) and whether it is all finite.
+struct ProbeStats {
+  float max_abs;
+  double abs_sum;
+  bool finite;
+};
+
+// The scalar tails (elements [d, dim)) of probe_stats and round_probe below.
+inline void probe_stats_tail(const float* x, int64_t d, int64_t dim, ProbeStats& stats) {
+  for (; d < dim; ++d) {
+    stats.finite = stats.finite && std::isfinite(x[d]);
+    stats.max_abs = std::max(stats.max_abs, std::fabs(x[d]));
+    stats.abs_sum += std::fabs(x[d]);
+  }
+  stats.finite = stats.finite && std::isfinite(stats.max_abs);
+}
+inline void round_probe_tail(const float* x, int64_t d, int64_t dim, float s, float inv, int8_t* digits,
+                             double& err, int64_t& digit_sum) {
+  for (; d < dim; ++d) {
+    const int r = std::clamp(static_cast<int>(std::nearbyint(x[d] * inv)), -kScreenDigitMax, kScreenDigitMax);
+    err += std::fabs(std::fma(-s, static_cast<float>(r), x[d]));
+    digit_sum += r;
+    digits[d] = static_cast<int8_t>(r);
+  }
+}
+}  // namespace detail
+#endif
+
+#if MLLM_INT8_SCREEN == MLLM_SCREEN_VNNI
 namespace detail {
 
 // max, permute and permutexvar with an explicit pass-through operand: GCC 12's plain intrinsics
@@ -44,6 +87,43 @@ inline __m512 permute_ps(__m512 a) {
 inline __m512 permutexvar_ps(__m512i index, __m512 a) { return _mm512_mask_permutexvar_ps(a, 0xFFFF, index, a); }
 inline __m512i permutexvar_epi32(__m512i index, __m512i a) {
   return _mm512_mask_permutexvar_epi32(a, 0xFFFF, index, a);
+}
+
+// max |x|, sum |x| and whether all of x[0, dim) is finite.
+inline ProbeStats probe_stats(const float* x, int64_t dim) {
+  int64_t d = 0;
+  __m512 vmax = _mm512_setzero_ps(), vabs = _mm512_setzero_ps();
+  __m512 finite = _mm512_setzero_ps();  // x * 0 is 0 for finite x, NaN otherwise
+  for (; d + 16 <= dim; d += 16) {
+    const __m512 v = _mm512_loadu_ps(x + d);
+    vmax = max_ps(vmax, _mm512_abs_ps(v));
+    vabs = _mm512_add_ps(vabs, _mm512_abs_ps(v));
+    finite = _mm512_add_ps(finite, _mm512_mul_ps(v, _mm512_setzero_ps()));
+  }
+  ProbeStats stats{_mm512_reduce_max_ps(vmax), _mm512_reduce_add_ps(vabs), _mm512_reduce_add_ps(finite) == 0.0f};
+  probe_stats_tail(x, d, dim, stats);
+  return stats;
+}
+
+// digits[d] = r = round(x[d] * inv) clamped to the digit range; err += sum |x - s r| (each
+// term one fused rounding, whatever rounding gave r), digit_sum += sum r.
+inline void round_probe(const float* x, int64_t dim, float s, float inv, int8_t* digits, double& err,
+                        int64_t& digit_sum) {
+  int64_t d = 0;
+  __m512 verr = _mm512_setzero_ps();
+  __m512i vsum = _mm512_setzero_si512();
+  const __m512 vs = _mm512_set1_ps(s), vinv = _mm512_set1_ps(inv);
+  const __m512i lo = _mm512_set1_epi32(-kScreenDigitMax), hi = _mm512_set1_epi32(kScreenDigitMax);
+  for (; d + 16 <= dim; d += 16) {
+    const __m512 v = _mm512_loadu_ps(x + d);
+    const __m512i r = _mm512_min_epi32(hi, _mm512_max_epi32(lo, _mm512_cvtps_epi32(_mm512_mul_ps(v, vinv))));
+    verr = _mm512_add_ps(verr, _mm512_abs_ps(_mm512_fnmadd_ps(vs, _mm512_cvtepi32_ps(r), v)));
+    vsum = _mm512_add_epi32(vsum, r);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(digits + d), _mm512_cvtepi32_epi8(r));
+  }
+  err += _mm512_reduce_add_ps(verr);
+  digit_sum += _mm512_reduce_add_epi32(vsum);
+  round_probe_tail(x, d, dim, s, inv, digits, err, digit_sum);
 }
 
 // Lane i of the result: the sum of the 16 int32 lanes of v[i], i < 16 (a transposed reduction:
@@ -117,6 +197,104 @@ __attribute__((always_inline)) inline void screen_dots(const int8_t* const* keys
 }
 
 }  // namespace detail
+#elif MLLM_INT8_SCREEN == MLLM_SCREEN_AVX2
+namespace detail {
+inline float hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+}
+inline float hsum(__m256 v) {
+  __m128 m = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_add_ss(m, _mm_shuffle_ps(m, m, 1)));
+}
+inline __m256 abs_ps(__m256 v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v); }
+
+// max |x|, sum |x| and whether all of x[0, dim) is finite.
+inline ProbeStats probe_stats(const float* x, int64_t dim) {
+  int64_t d = 0;
+  __m256 vmax = _mm256_setzero_ps(), vabs = _mm256_setzero_ps();
+  __m256 finite = _mm256_setzero_ps();  // x * 0 is 0 for finite x, NaN otherwise
+  for (; d + 8 <= dim; d += 8) {
+    const __m256 v = _mm256_loadu_ps(x + d);
+    vmax = _mm256_max_ps(vmax, abs_ps(v));
+    vabs = _mm256_add_ps(vabs, abs_ps(v));
+    finite = _mm256_add_ps(finite, _mm256_mul_ps(v, _mm256_setzero_ps()));
+  }
+  ProbeStats stats{hmax(vmax), hsum(vabs), hsum(finite) == 0.0f};
+  probe_stats_tail(x, d, dim, stats);
+  return stats;
+}
+
+// As the VNNI version: digits, err += sum |x - s r|, digit_sum += sum r.
+inline void round_probe(const float* x, int64_t dim, float s, float inv, int8_t* digits, double& err,
+                        int64_t& digit_sum) {
+  int64_t d = 0;
+  __m256 verr = _mm256_setzero_ps();
+  __m256i vsum = _mm256_setzero_si256();
+  const __m256 vs = _mm256_set1_ps(s), vinv = _mm256_set1_ps(inv);
+  const __m256i lo = _mm256_set1_epi32(-kScreenDigitMax), hi = _mm256_set1_epi32(kScreenDigitMax);
+  alignas(32) int32_t lanes[8];
+  for (; d + 8 <= dim; d += 8) {
+    const __m256 v = _mm256_loadu_ps(x + d);
+    const __m256i r = _mm256_min_epi32(hi, _mm256_max_epi32(lo, _mm256_cvtps_epi32(_mm256_mul_ps(v, vinv))));
+    verr = _mm256_add_ps(verr, abs_ps(_mm256_fnmadd_ps(vs, _mm256_cvtepi32_ps(r), v)));
+    vsum = _mm256_add_epi32(vsum, r);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), r);
+    for (int i = 0; i < 8; ++i) digits[d + i] = static_cast<int8_t>(lanes[i]);
+  }
+  err += hsum(verr);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), vsum);
+  for (int i = 0; i < 8; ++i) digit_sum += lanes[i];
+  round_probe_tail(x, d, dim, s, inv, digits, err, digit_sum);
+}
+
+
+// out[i] = the sum of the 8 int32 lanes of v[i], i < 8.
+inline __m256i reduce8_epi32(const __m256i* v) {
+  const __m256i s01 = _mm256_hadd_epi32(v[0], v[1]), s23 = _mm256_hadd_epi32(v[2], v[3]);
+  const __m256i s45 = _mm256_hadd_epi32(v[4], v[5]), s67 = _mm256_hadd_epi32(v[6], v[7]);
+  const __m256i lo = _mm256_hadd_epi32(s01, s23), hi = _mm256_hadd_epi32(s45, s67);  // per 128-bit half
+  return _mm256_add_epi32(_mm256_permute2x128_si256(lo, hi, 0x20), _mm256_permute2x128_si256(lo, hi, 0x31));
+}
+
+// sums[4 * j + r] as in the VNNI version, with 32-byte steps, two keys at a time (8 int32
+// accumulators: all of the 16 vector registers with the operands, no spills). The keys' last
+// partial step is copied to a zeroed buffer (AVX2 has no masked byte load; the digits are zero
+// past dim).
+template <int kProbes>
+__attribute__((always_inline)) inline void screen_dots(const int8_t* const* keys, const int8_t* digits, int64_t stride,
+                                                       int64_t dim, int32_t* sums) {
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));  // int8 q -> uint8 q + 128
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int64_t whole = dim / 32 * 32;
+  for (int j0 = 0; j0 < 4; j0 += 2) {
+    __m256i acc[8];  // acc[4 * j + r]: key j0 + j, probe r
+    for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_si256();
+    auto step = [&](__m256i q0, __m256i q1, int64_t d) {
+      for (int r = 0; r < kProbes; ++r) {
+        const __m256i g = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(digits + r * stride + d));
+        acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(_mm256_maddubs_epi16(q0, g), ones));
+        acc[4 + r] = _mm256_add_epi32(acc[4 + r], _mm256_madd_epi16(_mm256_maddubs_epi16(q1, g), ones));
+      }
+    };
+    const int8_t *k0 = keys[j0], *k1 = keys[j0 + 1];
+    for (int64_t d = 0; d < whole; d += 32)
+      step(_mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(k0 + d)), flip),
+           _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(k1 + d)), flip), d);
+    if (whole < dim) {
+      alignas(32) int8_t tail[2][32] = {};
+      std::memcpy(tail[0], k0 + whole, static_cast<size_t>(dim - whole));
+      std::memcpy(tail[1], k1 + whole, static_cast<size_t>(dim - whole));
+      step(_mm256_xor_si256(_mm256_load_si256(reinterpret_cast<const __m256i*>(tail[0])), flip),
+           _mm256_xor_si256(_mm256_load_si256(reinterpret_cast<const __m256i*>(tail[1])), flip), whole);
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(sums + 4 * j0), reduce8_epi32(acc));
+  }
+}
+
+}  // namespace detail
 #endif
 
 class Int8Screen {
@@ -140,58 +318,24 @@ class Int8Screen {
     scale_.assign(blocks * 4, 0.0f);
     slack_.assign(blocks * 4, -INFINITY);
     correction_.assign(blocks * 4, 0);
-    // float sums of D non-negative terms are within gamma(D) of the real sum: inflate them.
-    const double sum_inflate = 1.0 + 2.0 * float_sum_gamma(dim + 16);
     const double gamma = float_sum_gamma(dim + 16);  // the float32 dot product's own rounding
     for (int64_t p = 0; p < num_probes; ++p) {
       const float* row = probes + p * dim;
-      int64_t d = 0;
-      __m512 vmax = _mm512_setzero_ps(), vabs = _mm512_setzero_ps();
-      __m512 finite = _mm512_setzero_ps();  // x * 0 is 0 for finite x, NaN otherwise
-      for (; d + 16 <= dim; d += 16) {
-        const __m512 x = _mm512_loadu_ps(row + d);
-        vmax = detail::max_ps(vmax, _mm512_abs_ps(x));
-        vabs = _mm512_add_ps(vabs, _mm512_abs_ps(x));
-        finite = _mm512_add_ps(finite, _mm512_mul_ps(x, _mm512_setzero_ps()));
-      }
-      float max_abs = _mm512_reduce_max_ps(vmax);
-      double abs_sum = _mm512_reduce_add_ps(vabs);
-      bool ok = _mm512_reduce_add_ps(finite) == 0.0f;
-      for (; d < dim; ++d) {
-        ok = ok && std::isfinite(row[d]);
-        max_abs = std::max(max_abs, std::fabs(row[d]));
-        abs_sum += std::fabs(row[d]);
-      }
-      if (!ok || !std::isfinite(max_abs)) return false;
-      const float s = max_abs / kInt8KeyMax;
-      const float inv = max_abs > 0 ? kInt8KeyMax / max_abs : 0.0f;
+      const detail::ProbeStats stats = detail::probe_stats(row, dim);
+      if (!stats.finite) return false;
+      const float s = stats.max_abs / kScreenDigitMax;
+      const float inv = stats.max_abs > 0 ? kScreenDigitMax / stats.max_abs : 0.0f;
       int8_t* digits = digits_.data() + p * stride_;
-      // Digits r = round(p * inv) clamped to [-127, 127]; the bound uses the exact errors
-      // p - s * r (one fused rounding each), whatever rounding produced r.
-      __m512 verr = _mm512_setzero_ps();
-      __m512i vsum = _mm512_setzero_si512();
-      const __m512 vs = _mm512_set1_ps(s), vinv = _mm512_set1_ps(inv);
-      const __m512i lo = _mm512_set1_epi32(-kInt8KeyMax), hi = _mm512_set1_epi32(kInt8KeyMax);
-      for (d = 0; d + 16 <= dim; d += 16) {
-        const __m512 x = _mm512_loadu_ps(row + d);
-        const __m512i r = _mm512_min_epi32(hi, _mm512_max_epi32(lo, _mm512_cvtps_epi32(_mm512_mul_ps(x, vinv))));
-        verr = _mm512_add_ps(verr, _mm512_abs_ps(_mm512_fnmadd_ps(vs, _mm512_cvtepi32_ps(r), x)));
-        vsum = _mm512_add_epi32(vsum, r);
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(digits + d), _mm512_cvtepi32_epi8(r));
-      }
-      double err = _mm512_reduce_add_ps(verr);
-      int64_t digit_sum = _mm512_reduce_add_epi32(vsum);
-      for (; d < dim; ++d) {
-        const int r = std::clamp(static_cast<int>(std::nearbyint(row[d] * inv)), -kInt8KeyMax, kInt8KeyMax);
-        err += std::fabs(std::fma(-s, static_cast<float>(r), row[d]));
-        digit_sum += r;
-        digits[d] = static_cast<int8_t>(r);
-      }
-      // Each |p - s r| term is within 2^-24 of its float value, each sum within gamma(D).
-      const double err_bound = err * sum_inflate * (1.0 + 0x1p-23);
+      double err = 0.0;
+      int64_t digit_sum = 0;
+      detail::round_probe(row, dim, s, inv, digits, err, digit_sum);
+      const double abs_sum = stats.abs_sum;
+      // Each |p - s r| term is within 2^-24 of its float value; the float sums of D non-negative
+      // terms are within a relative gamma(D) of the real sums: inflate them.
+      const double err_bound = err * (1.0 + 2.0 * gamma) * (1.0 + 0x1p-23);
       scale_[p] = s;
       // Rounded up to float (the relative 2^-22 exceeds a float rounding).
-      slack_[p] = static_cast<float>(kInt8KeyMax * (err_bound + gamma * abs_sum * sum_inflate) * (1.0 + 0x1p-22));
+      slack_[p] = static_cast<float>(kInt8KeyMax * (err_bound + gamma * abs_sum * (1.0 + 2.0 * gamma)) * (1.0 + 0x1p-22));
       correction_[p] = static_cast<int32_t>(128 * digit_sum);  // |128 * sum r| <= 128 * 127 * 65536
     }
     return true;
@@ -210,7 +354,7 @@ class Int8Screen {
   // prepare().
   unsigned survivors(const int8_t* const* keys, const float* scales, bool lse, float threshold,
                      float* bounds) const {
-#if MLLM_INT8_SCREEN
+#if MLLM_INT8_SCREEN == MLLM_SCREEN_VNNI
     // Lane 4 j + r: key j, probe r of a block of 4. Per key, the largest s_r <r, q> + slack_r
     // (pos) and -s_r <r, q> + slack_r (neg) over the probes: its bound is k * pos for a scale
     // k >= 0, |k| * neg otherwise. float32, with margins for its roundings (see below).
@@ -259,6 +403,43 @@ class Int8Screen {
     _mm512_store_ps(lanes, bound);
     for (int j = 0; j < kKeys; ++j) bounds[j] = lanes[4 * j];  // lanes 0, 4, 8, 12: keys 0..3
     return (kept & 1u) | (kept >> 3 & 2u) | (kept >> 6 & 4u) | (kept >> 9 & 8u);
+#elif MLLM_INT8_SCREEN == MLLM_SCREEN_AVX2
+    // The same arithmetic as the VNNI version above, lane by lane.
+    float pos[kKeys], neg[kKeys];
+    std::fill(pos, pos + kKeys, -INFINITY);
+    std::fill(neg, neg + kKeys, -INFINITY);
+    alignas(32) int32_t sums[16];
+    for (int64_t p0 = 0; p0 < num_probes_; p0 += 4) {
+      const int8_t* digits = digits_.data() + p0 * stride_;
+      switch (std::min<int64_t>(4, num_probes_ - p0)) {
+        case 4: detail::screen_dots<4>(keys, digits, stride_, dim_, sums); break;
+        case 3: detail::screen_dots<3>(keys, digits, stride_, dim_, sums); break;
+        case 2: detail::screen_dots<2>(keys, digits, stride_, dim_, sums); break;
+        default: detail::screen_dots<1>(keys, digits, stride_, dim_, sums); break;
+      }
+      for (int j = 0; j < kKeys; ++j)
+        for (int r = 0; r < 4; ++r) {
+          const float slack = slack_[p0 + r];
+          const float a = scale_[p0 + r] * static_cast<float>(sums[4 * j + r] - correction_[p0 + r]);
+          const float margin = (std::fabs(a) + slack) * 0x1p-20f;
+          pos[j] = std::max(pos[j], (slack + a) + margin);
+          neg[j] = std::max(neg[j], (slack - a) + margin);
+        }
+    }
+    unsigned kept = 0;
+    for (int j = 0; j < kKeys; ++j) {
+      const float k = scales[j], abs_k = std::fabs(k);
+      float bound = abs_k * (k < 0 ? neg[j] : pos[j]);
+      bound = std::fma(std::fabs(bound), float(kScoreBoundRelative), bound);
+      if (lse) {
+        bound += log_num_probes_;
+        bound = std::fma(std::fabs(bound), float(kLseBoundRelative), bound) + float(kLseBoundAbsolute);
+      }
+      if (!(abs_k < INFINITY)) bound = NAN;  // no bound for a non-finite scale
+      bounds[j] = bound;
+      if (!(bound < threshold)) kept |= 1u << j;
+    }
+    return kept;
 #else
     (void)keys;
     (void)scales;
