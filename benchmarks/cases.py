@@ -24,7 +24,7 @@ once); dividing it by the kernel's median time gives its effective bandwidth:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -236,6 +236,10 @@ def all_cases(s: Sizes, seed: int = 0) -> list[tuple[str, Callable[[], Case]]]:
         ("descend", lambda: descend_int8_case(s, s.n_cached, inp, "cached")),
         ("descend", lambda: descend_case(s, s.n_large, inp, "beyond cache")),
         ("descend", lambda: descend_int8_case(s, s.n_large, inp, "beyond cache")),
+        # One probe per query (the identity ranker of the end-to-end benchmark): 1 FMA per key
+        # element instead of P, so the scan is bound by memory, not by arithmetic.
+        ("descend", lambda: descend_case(replace(s, P=1), s.n_large, inp, "beyond cache, one probe")),
+        ("descend", lambda: descend_int8_case(replace(s, P=1), s.n_large, inp, "beyond cache, one probe")),
         ("score_children", lambda: score_children_case(s, s.n_large, inp, backward=False)),
         ("descend_tree", lambda: descend_tree_case(s, inp)),
         ("cls_pool", lambda: cls_pool_case(s, s.pool_rows, 1, inp, backward=False)),

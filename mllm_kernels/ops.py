@@ -211,8 +211,8 @@ def descend(
     Scores as in :func:`score_children`, selected inside the kernel: the ``[B, T * fanout]``
     score matrix is never written to memory. int8 ``keys`` with float32 ``key_scales [N]``
     (:func:`mllm_kernels.quantize_keys`) read a quarter of the bytes of float32 keys; on CPUs with
-    AVX-512 VNNI the C++ kernel also skips the exact scoring of int8 rows whose integer score
-    bound cannot beat the running t-th score (same results as scoring every row).
+    AVX2 or AVX-512 VNNI the C++ kernel also skips the exact scoring of int8 rows whose integer
+    score bound cannot beat the running t-th score (same results as scoring every row).
 
     Returns:
         ``(ids, scores)``: int64 and float32 ``[B, t]``, sorted by score descending; equal

@@ -22,11 +22,11 @@ import torch
 __all__ = [
     "chunk_offsets",
     "cls_pool",
-    "score_children",
-    "descend",
-    "descend_tree",
     "compute_dtype",
     "dequantize_keys",
+    "descend",
+    "descend_tree",
+    "score_children",
 ]
 
 

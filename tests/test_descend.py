@@ -263,3 +263,40 @@ def test_same_result_for_any_thread_count(op, gen):
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("op", ["descend", "descend_tree"])
+@pytest.mark.parametrize("int8", [False, True])
+def test_small_batch_split_across_threads(op, int8, gen):
+    """With fewer queries than threads, the C++ kernels split a row's parents among the threads
+    (above ~1e5 child elements) and merge their top t: the same result as one thread, and as the
+    reference; repeated and empty parents included."""
+    B, D, N, fanout, T = 2, 64, 8192, 64, 40  # 40 * 64 children * 64 dims: split
+    probes = make_probes(B, 2, D, F32, gen)
+    keys = make_keys(N, D, F32, gen)
+    scales = None
+    if int8:
+        keys, scales = mk.quantize_keys(keys)
+    parents = make_parents(B, T, num_parents(N, fanout), gen, p_empty=0.1, p_dup=0.2)
+    top = make_keys(num_parents(N, fanout), D, F32, gen)
+
+    def run(backend):
+        if op == "descend":
+            return mk.descend(probes, keys, parents, fanout, 30, "lse", None, scales, backend=backend)
+        level_scales = None if scales is None else [None, scales]
+        out = mk.descend_tree(
+            [probes] * 2, [top, keys], fanout, [T, 30], "lse", key_scales=level_scales, backend=backend
+        )
+        return out[-1]
+
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            results.append(run("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    ref_ids, ref_scores = run("reference")
+    assert_topk_equal(*results[1], ref_ids, ref_scores, **score_tol(probes, probes))

@@ -343,8 +343,8 @@ def test_descend_matches_float_keys_on_exact_values(backend, gen):
 # ------------------------------------------------------------------------------------------
 # The CPU int8 screen: exactly the same result as scoring every row
 #
-# With AVX-512 VNNI the CPU descent bounds each int8 row's score from the probes rounded to int8
-# and skips rows that cannot beat the t-th best score so far. Its result must be bit for bit the
+# With AVX2 or AVX-512 VNNI the CPU descent bounds each int8 row's score from the probes rounded
+# to int8 digits and skips rows that cannot beat the t-th best score so far. Its result must be bit for bit the
 # top t of score_children's scores, which the same float32 arithmetic computes without skipping.
 
 

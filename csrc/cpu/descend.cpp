@@ -3,7 +3,9 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <functional>
+#include <vector>
 
 #include "../checks.h"
 #include "descend_row.h"
@@ -22,9 +24,17 @@ struct PreparedLevel {
   at::Tensor ids;     // [B, t] output
   at::Tensor scores;  // [B, t] output
   int64_t t;
-  // Runs the level for query row b over the children of parents[0 .. num_parents).
-  std::function<void(int64_t b, const int64_t* parents, int64_t num_parents, int64_t fanout, bool skip_repeated)>
+  // Runs the level for query row b over the children of parents[0 .. num_parents), into row b
+  // of the outputs, or into row `part` of the [parts, t] buffers `part_scores`, `part_ids`.
+  std::function<void(int64_t b, const int64_t* parents, int64_t num_parents, int64_t fanout, bool skip_repeated,
+                     int64_t part, void* part_scores, int64_t* part_ids)>
       run_row;
+  // Row b of the outputs = the top t of the first num_parts rows of such buffers.
+  std::function<void(int64_t b, int64_t num_parts, const void* part_scores, const int64_t* part_ids)> merge_parts;
+
+  void run(int64_t b, const int64_t* parents, int64_t num_parents, int64_t fanout, bool skip_repeated) const {
+    run_row(b, parents, num_parents, fanout, skip_repeated, -1, nullptr, nullptr);
+  }
 };
 
 PreparedLevel prepare_level(const at::Tensor& probes, const at::Tensor& keys, const std::optional<at::Tensor>& mask,
@@ -53,10 +63,20 @@ PreparedLevel prepare_level(const at::Tensor& probes, const at::Tensor& keys, co
                                    lse};
       acc_t* scores = level.scores.data_ptr<acc_t>();
       int64_t* ids = level.ids.data_ptr<int64_t>();
-      level.run_row = [view, scores, ids, t](int64_t b, const int64_t* parents, int64_t num_parents, int64_t fanout,
-                                             bool skip_repeated) {
+      level.run_row = [=](int64_t b, const int64_t* parents, int64_t num_parents, int64_t fanout, bool skip_repeated,
+                          int64_t part, void* part_scores, int64_t* part_ids) {
         thread_local RowScratch<acc_t> scratch;
-        descend_row(view, b, parents, num_parents, fanout, skip_repeated, t, scores + b * t, ids + b * t, scratch);
+        acc_t* row_scores = part < 0 ? scores + b * t : static_cast<acc_t*>(part_scores) + part * t;
+        int64_t* row_ids = part < 0 ? ids + b * t : part_ids + part * t;
+        descend_row(view, b, parents, num_parents, fanout, skip_repeated, t, row_scores, row_ids, scratch);
+      };
+      // ranks_before is a total order, so the top t of the parts' top t is the one-pass result.
+      level.merge_parts = [=](int64_t b, int64_t num_parts, const void* part_scores, const int64_t* part_ids) {
+        const acc_t* part_score = static_cast<const acc_t*>(part_scores);
+        RunningTopT<acc_t> top(scores + b * t, ids + b * t, t);
+        for (int64_t i = 0; i < num_parts * t; ++i)
+          if (part_ids[i] >= 0) top.push(part_score[i], part_ids[i]);
+        top.finish();
       };
     };
     if (acc == at::kDouble) {
@@ -66,6 +86,44 @@ PreparedLevel prepare_level(const at::Tensor& probes, const at::Tensor& keys, co
     }
   });
   return level;
+}
+
+// Children scored per query row from which a row is worth splitting across the threads
+// (child rows times dim): about 10 us of work, against a few us to start and join them.
+constexpr int64_t kSplitMinElements = 1 << 17;
+
+// Whether rows of a batch of `batch` queries are split across threads (see split_row): only when
+// the batch leaves threads idle, and the row's work outweighs the cost of the split.
+bool worth_splitting(int64_t batch, int64_t children, int64_t dim) {
+  return batch < at::get_num_threads() && !at::in_parallel_region() && children * dim >= kSplitMinElements;
+}
+
+// Query row b of `level` with its parents split among the threads, for batches too small to
+// keep every thread busy: each thread selects the top t of its share of the parents, then the
+// shares are merged. With skip_repeated, repeated parents are dropped first (a parent in two
+// shares would count its children twice).
+void split_row(const PreparedLevel& level, int64_t b, const int64_t* parents, int64_t num_parents, int64_t fanout,
+               bool skip_repeated) {
+  std::vector<int64_t> unique;
+  if (skip_repeated) {
+    unique.reserve(num_parents);
+    for (int64_t j = 0; j < num_parents; ++j)
+      if (parents[j] >= 0 && std::find(unique.begin(), unique.end(), parents[j]) == unique.end())
+        unique.push_back(parents[j]);
+    parents = unique.data();
+    num_parents = static_cast<int64_t>(unique.size());
+  }
+  const int64_t parts = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(num_parents, 1));
+  const at::Tensor part_scores = at::empty({parts, level.t}, level.scores.options());
+  const at::Tensor part_ids = at::empty({parts, level.t}, level.ids.options());
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t part = begin; part < end; ++part) {
+      const int64_t first = num_parents * part / parts, last = num_parents * (part + 1) / parts;
+      level.run_row(b, parents + first, last - first, fanout, /*skip_repeated=*/false, part, part_scores.data_ptr(),
+                    part_ids.data_ptr<int64_t>());
+    }
+  });
+  level.merge_parts(b, parts, part_scores.data_ptr(), part_ids.data_ptr<int64_t>());
 }
 
 }  // namespace
@@ -84,8 +142,14 @@ std::tuple<at::Tensor, at::Tensor> descend(const at::Tensor& probes, const at::T
   const at::Tensor parents_c = parents.contiguous();
   const int64_t* parent_ids = parents_c.data_ptr<int64_t>();
   const int64_t num_parents = parents_c.size(1);
-  at::parallel_for(0, probes.size(0), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) level.run_row(b, parent_ids + b * num_parents, num_parents, fanout, /*skip_repeated=*/true);
+  const int64_t batch = probes.size(0);
+  if (worth_splitting(batch, num_parents * fanout, keys.size(1))) {
+    for (int64_t b = 0; b < batch; ++b) split_row(level, b, parent_ids + b * num_parents, num_parents, fanout, true);
+    return {level.ids, level.scores};
+  }
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b)
+      level.run(b, parent_ids + b * num_parents, num_parents, fanout, /*skip_repeated=*/true);
   });
   return {level.ids, level.scores};
 }
@@ -133,19 +197,35 @@ std::vector<at::Tensor> descend_tree(const std::vector<at::Tensor>& probes, cons
   for (size_t level = 0; level < num_levels; ++level)
     levels.push_back(prepare_level(probes[level], keys[level], masks[level], scales_of(level), t[level], lse));
 
-  // One parallel region: each query walks every level; the top level is the children of one
-  // virtual root that owns all its nodes, each lower level the children of the selection above.
+  // The top level is the children of one virtual root that owns all its nodes, each lower level
+  // the children of the selection above. With enough queries, one parallel region in which
+  // each query walks every level.
   const int64_t top_nodes = std::max<int64_t>(keys[0].size(0), 1);
   const int64_t root = 0;
-  at::parallel_for(0, probes[0].size(0), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      levels[0].run_row(b, &root, 1, top_nodes, /*skip_repeated=*/false);
-      for (size_t level = 1; level < num_levels; ++level) {
-        const PreparedLevel& above = levels[level - 1];
-        levels[level].run_row(b, above.ids.data_ptr<int64_t>() + b * above.t, above.t, fanout, /*skip_repeated=*/false);
+  const int64_t batch = probes[0].size(0);
+  // Row b of level `level`: the children of the row's selection one level up (or of the root).
+  auto parents_of = [&](size_t level, int64_t b) -> const int64_t* {
+    return level == 0 ? &root : levels[level - 1].ids.data_ptr<int64_t>() + b * levels[level - 1].t;
+  };
+  auto fanout_of = [&](size_t level) { return level == 0 ? top_nodes : fanout; };
+  auto parents_count = [&](size_t level) { return level == 0 ? int64_t(1) : levels[level - 1].t; };
+  if (batch < at::get_num_threads()) {
+    // Too few queries for the threads: split each level's children among them where it pays.
+    for (int64_t b = 0; b < batch; ++b)
+      for (size_t level = 0; level < num_levels; ++level) {
+        const int64_t children = level == 0 ? top_nodes : parents_count(level) * fanout;
+        if (level > 0 && worth_splitting(batch, children, keys[level].size(1)))
+          split_row(levels[level], b, parents_of(level, b), parents_count(level), fanout, false);
+        else
+          levels[level].run(b, parents_of(level, b), parents_count(level), fanout_of(level), false);
       }
-    }
-  });
+  } else {
+    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b)
+        for (size_t level = 0; level < num_levels; ++level)
+          levels[level].run(b, parents_of(level, b), parents_count(level), fanout_of(level), false);
+    });
+  }
   std::vector<at::Tensor> out;
   for (const PreparedLevel& level : levels) {
     out.push_back(level.ids);
