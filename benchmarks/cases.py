@@ -19,6 +19,9 @@ once); dividing it by the kernel's median time gives its effective bandwidth:
 * cls_pool: ``x`` read once and ``[C, H, D]`` written; forward+backward adds ``x`` read again,
   the output gradient read and the ``[N, D]`` gradient of ``x`` written.
 * chunk_offsets: the segment offsets read, chunk offsets and chunk segments written.
+
+descend and score_children draw ``PARENT_SETS`` parent sets and use the next one at every call,
+so that on a level larger than the caches the keys come from memory, not from the L3.
 """
 
 from __future__ import annotations
@@ -75,6 +78,28 @@ def _random_parents(B: int, n_parents: int, T: int, gen) -> torch.Tensor:
     return torch.multinomial(weights, T, replacement=False, generator=gen)
 
 
+# Parent sets a case cycles through, one per call: the keys one set touches (B * T blocks of
+# fanout rows, 25 MB at the default sizes) would stay in the L3 if every call read the same ones,
+# so a level "beyond the caches" would be read from the L3 after the first call.
+PARENT_SETS = 16
+
+
+def _parent_sets(s: Sizes, n: int, gen) -> list[torch.Tensor]:
+    """``PARENT_SETS`` random ``[B, T]`` parent sets of a level of ``n`` nodes."""
+    return [_random_parents(s.B, -(-n // s.fanout), s.T, gen) for _ in range(PARENT_SETS)]
+
+
+def _cycle(items: list) -> Callable[[], object]:
+    """A callable returning the next of ``items``, round and round."""
+    position = {"i": -1}
+
+    def next_item():
+        position["i"] = (position["i"] + 1) % len(items)
+        return items[position["i"]]
+
+    return next_item
+
+
 def _mb(n_bytes: int) -> str:
     return f"{n_bytes / 1e6:,.1f} MB" if n_bytes >= 1e6 else f"{n_bytes / 1e3:,.0f} kB"
 
@@ -88,10 +113,17 @@ def descend_case(s: Sizes, n: int, inp: Inputs, label: str) -> Case:
     """``descend`` on one level of ``n`` children with random parents per query."""
     keys = inp.rand((n, s.D), shared=True)
     probes = inp.rand((s.B, s.P, s.D))
-    parents = _random_parents(s.B, -(-n // s.fanout), s.T, inp.gen)
-    kernel, ref = _both(lambda b: mk.descend(probes, keys, parents, s.fanout, s.t, backend=b))
+    sets = _parent_sets(s, n, inp.gen)
+    kernel_parents, ref_parents = _cycle(sets), _cycle(sets)
+
+    def kernel():
+        return mk.descend(probes, keys, kernel_parents(), s.fanout, s.t, backend="cpu")
+
+    def ref():
+        return mk.descend(probes, keys, ref_parents(), s.fanout, s.t, backend="reference")
+
     item = keys.element_size()
-    n_bytes = s.B * s.T * s.fanout * s.D * item + probes.nbytes + parents.nbytes + s.B * s.t * 12
+    n_bytes = s.B * s.T * s.fanout * s.D * item + probes.nbytes + s.B * s.T * 8 + s.B * s.t * 12
     params = f"{label}: N={n:,} ({_mb(keys.nbytes)} keys) B={s.B} P={s.P} T={s.T} t={s.t}"
     return Case("descend", params, kernel, ref, n_bytes)
 
@@ -115,16 +147,17 @@ def descend_int8_case(s: Sizes, n: int, inp: Inputs, label: str) -> Case:
     keys16 = inp.rand((n, s.D), shared=True)
     keys8, scales = mk.quantize_keys(keys16)
     probes = inp.rand((s.B, s.P, s.D))
-    parents = _random_parents(s.B, -(-n // s.fanout), s.T, inp.gen)
+    sets = _parent_sets(s, n, inp.gen)
+    parents8, parents16 = _cycle(sets), _cycle(sets)
 
     def kernel():
-        return mk.descend(probes, keys8, parents, s.fanout, s.t, key_scales=scales, backend="cpu")
+        return mk.descend(probes, keys8, parents8(), s.fanout, s.t, key_scales=scales, backend="cpu")
 
     def float16():
-        return mk.descend(probes, keys16, parents, s.fanout, s.t, backend="cpu")
+        return mk.descend(probes, keys16, parents16(), s.fanout, s.t, backend="cpu")
 
     recall = _recall(kernel()[0], float16()[0])
-    n_bytes = s.B * s.T * s.fanout * (s.D + 4) + probes.nbytes + parents.nbytes + s.B * s.t * 12
+    n_bytes = s.B * s.T * s.fanout * (s.D + 4) + probes.nbytes + s.B * s.T * 8 + s.B * s.t * 12
     params = (
         f"{label}: N={n:,} ({_mb(keys8.nbytes)} int8 keys vs {_mb(keys16.nbytes)} float16) B={s.B} P={s.P} "
         f"T={s.T} t={s.t}; reference column = float16 keys (C++); recall@{s.t} vs float16 {recall:.1%}"
@@ -159,11 +192,17 @@ def score_children_case(s: Sizes, n: int, inp: Inputs, backward: bool) -> Case:
     """``score_children`` forward, or forward+backward with gradients for probes and keys."""
     keys = inp.rand((n, s.D), shared=not backward)
     probes = inp.rand((s.B, s.P, s.D))
-    parents = _random_parents(s.B, -(-n // s.fanout), s.T, inp.gen)
+    sets = _parent_sets(s, n, inp.gen)
+    parents = sets[0]
     slots = s.B * s.T * s.fanout
     n_bytes = slots * (s.D * keys.element_size() + 4 + 8) + probes.nbytes + parents.nbytes
     if not backward:
-        kernel, ref = _both(lambda b: mk.score_children(probes, keys, parents, s.fanout, backend=b))
+        kernel_parents, ref_parents = _cycle(sets), _cycle(sets)
+        kernel, ref = _both(
+            lambda b: mk.score_children(
+                probes, keys, (kernel_parents if b == "cpu" else ref_parents)(), s.fanout, backend=b
+            )
+        )
         op = "score_children"
     else:
         probes.requires_grad_(True)

@@ -221,13 +221,15 @@ inline void axpy(acc_t* acc, acc_t weight, const x_t* x, int64_t dim) {
   axpy_rows(acc, &weight, x, 1, dim, dim);
 }
 
-// How many key rows ahead of the ones being scored the kernels prefetch.
-constexpr int64_t kPrefetchRows = 8;
+// How many key rows ahead of the ones being scored the kernels prefetch. 16 rows into the L2
+// (prefetcht1) read a level far larger than the caches 1.5x faster than 8 rows into the L1
+// (B=64, one probe, random parents: 2.0 -> 1.34 ms on 2 cores); 32 rows were no better.
+constexpr int64_t kPrefetchRows = 16;
 
-// Prefetches the row at `p` (`bytes` long) into the caches.
+// Prefetches the row at `p` (`bytes` long) into the L2 (and the L3).
 inline void prefetch_row(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 2);
 }
 
 }  // namespace mllm::cpu
