@@ -7,7 +7,7 @@ returning the 10 best leaves of every query:
 
 * ``tree t=..``: ``mllm_kernels.descend_tree`` (fanout 64, beam ``t`` at every upper level and 10
   at the leaves), one call per batch; ``tree t=.. int8``: the same on int8 keys with one float32
-  scale per row (``mllm_kernels.quantize_keys``), where this build of mllm_kernels has them;
+  scale per row (``mllm_kernels.quantize_keys``);
 * ``flat``: exact search in PyTorch: the float16 keys converted to float32 in chunks of
   ``FLAT_CHUNK`` rows (bounded memory), ``queries @ chunk.T`` and ``topk`` per chunk, then a
   final ``topk``; it also gives the exact answer every recall is measured against;
@@ -79,7 +79,7 @@ class E2ESizes:
     float32_copy_max_bytes: int = 6 << 30  # larger: faiss flat stores float16 (IndexScalarQuantizer)
     memmap_min_bytes: int = 2 << 30  # larger unpermuted leaves live in a scratch file, not in RAM
     layout: str = "tree"  # "tree": benchmarks.synthetic.tree_layout; "semantic": mllm.layout
-    int8: bool = True  # also int8 keys (key_scales) at main_t, where mllm_kernels supports them
+    int8: bool = True  # also int8 keys (key_scales) at main_t
     # timing (see measure_interleaved)
     min_rounds: int = 3
     max_rounds: int = 12
@@ -187,14 +187,9 @@ def tree_search(levels: list[torch.Tensor], t: int, k: int = K):
 
 
 def int8_levels(levels: list[torch.Tensor]):
-    """``(keys, key_scales)`` per level, int8 with a float32 scale per row, when this build of
-    mllm_kernels takes int8 keys (``key_scales``); else None."""
-    import inspect
-
+    """``(keys, key_scales)`` per level: int8 with a float32 scale per row."""
     import mllm_kernels as mk
 
-    if not hasattr(mk, "quantize_keys") or "key_scales" not in inspect.signature(mk.descend_tree).parameters:
-        return None
     pairs = [mk.quantize_keys(level) for level in levels]
     return [q for q, _ in pairs], [scale for _, scale in pairs]
 
@@ -420,7 +415,7 @@ def run_size(n: int, s: E2ESizes, *, threads: int, faiss, scratch: str | None, v
     methods = [Method(f"tree t={t}", "tree", t, tree_search(levels, t)) for t in ts]
     start = time.perf_counter()
     quantized = int8_levels(levels) if s.int8 else None
-    if quantized is not None:
+    if quantized:
         build["int8_s"] = time.perf_counter() - start
         methods += [Method(f"tree t={t} int8", "tree int8", t, tree_search_int8(quantized, t)) for t in s.main_t]
     methods.append(Method("flat (torch)", "flat", None, flat))
@@ -679,10 +674,7 @@ def header_markdown(results: dict) -> str:
             f"IndexHNSWFlat (inner product, M={c['hnsw_m']}, efConstruction={c['hnsw_ef_construction']}) up to "
             f"{_n(c['hnsw_max_n'])} leaves"
         ),
-        (
-            "- tree int8 (where mllm_kernels takes `key_scales`): the same levels quantised by "
-            "`mllm_kernels.quantize_keys` (int8, one float32 scale per row)"
-        ),
+        "- tree int8: the same levels quantised by `mllm_kernels.quantize_keys` (int8, one float32 scale per row)",
         (
             "- latency: median per call (IQR/median in brackets) over blocks of calls timed in alternating "
             "rounds; B=1 = one query per call, cycling over the queries; recall@10: tie-aware, against the "
@@ -928,7 +920,7 @@ def run_e2e(
             minutes at 1e6).
         scratch: directory of the scratch file holding large unpermuted leaves (default: the
             system's temporary directory).
-        int8: also time the tree on int8 keys, where mllm_kernels supports them.
+        int8: also time the tree on int8 keys.
         hnsw: ``(M, efConstruction)`` of the HNSW index; None keeps the preset's (32, 200).
         noise_decay: the data's within-cluster noise spectrum (:class:`DataSpec`); None keeps the
             preset's (isotropic).

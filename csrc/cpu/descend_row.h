@@ -33,7 +33,7 @@ struct LevelView {
 // Per-thread scratch of descend_row, reused across rows and calls.
 template <typename acc_t>
 struct RowScratch {
-  std::vector<acc_t> dots;  // [P] the probe scores of one child
+  std::vector<acc_t> dots;  // [2, P] the probe scores of two children
   Int8Screen screen;        // int8 keys: the row's probes rounded to int8
 };
 
