@@ -71,6 +71,60 @@ inline void round_probe_tail(const float* x, int64_t d, int64_t dim, float s, fl
     digits[d] = static_cast<int8_t>(r);
   }
 }
+
+// probe_stats and round_probe run once per query row and level (P * D values, against the
+// thousands of key rows screened): AVX2 serves both ISAs.
+inline float hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+}
+inline float hsum(__m256 v) {
+  __m128 m = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_add_ss(m, _mm_shuffle_ps(m, m, 1)));
+}
+inline __m256 abs_ps(__m256 v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v); }
+
+// max |x|, sum |x| and whether all of x[0, dim) is finite.
+inline ProbeStats probe_stats(const float* x, int64_t dim) {
+  int64_t d = 0;
+  __m256 vmax = _mm256_setzero_ps(), vabs = _mm256_setzero_ps();
+  __m256 finite = _mm256_setzero_ps();  // x * 0 is 0 for finite x, NaN otherwise
+  for (; d + 8 <= dim; d += 8) {
+    const __m256 v = _mm256_loadu_ps(x + d);
+    vmax = _mm256_max_ps(vmax, abs_ps(v));
+    vabs = _mm256_add_ps(vabs, abs_ps(v));
+    finite = _mm256_add_ps(finite, _mm256_mul_ps(v, _mm256_setzero_ps()));
+  }
+  ProbeStats stats{hmax(vmax), hsum(vabs), hsum(finite) == 0.0f};
+  probe_stats_tail(x, d, dim, stats);
+  return stats;
+}
+
+// digits[d] = r = round(x[d] * inv) clamped to the digit range; err += sum |x - s r| (each
+// term one fused rounding, whatever rounding gave r), digit_sum += sum r.
+inline void round_probe(const float* x, int64_t dim, float s, float inv, int8_t* digits, double& err,
+                        int64_t& digit_sum) {
+  int64_t d = 0;
+  __m256 verr = _mm256_setzero_ps();
+  __m256i vsum = _mm256_setzero_si256();
+  const __m256 vs = _mm256_set1_ps(s), vinv = _mm256_set1_ps(inv);
+  const __m256i lo = _mm256_set1_epi32(-kScreenDigitMax), hi = _mm256_set1_epi32(kScreenDigitMax);
+  alignas(32) int32_t lanes[8];
+  for (; d + 8 <= dim; d += 8) {
+    const __m256 v = _mm256_loadu_ps(x + d);
+    const __m256i r = _mm256_min_epi32(hi, _mm256_max_epi32(lo, _mm256_cvtps_epi32(_mm256_mul_ps(v, vinv))));
+    verr = _mm256_add_ps(verr, abs_ps(_mm256_fnmadd_ps(vs, _mm256_cvtepi32_ps(r), v)));
+    vsum = _mm256_add_epi32(vsum, r);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), r);
+    for (int i = 0; i < 8; ++i) digits[d + i] = static_cast<int8_t>(lanes[i]);
+  }
+  err += hsum(verr);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), vsum);
+  for (int i = 0; i < 8; ++i) digit_sum += lanes[i];
+  round_probe_tail(x, d, dim, s, inv, digits, err, digit_sum);
+}
 }  // namespace detail
 #endif
 
@@ -87,43 +141,6 @@ inline __m512 permute_ps(__m512 a) {
 inline __m512 permutexvar_ps(__m512i index, __m512 a) { return _mm512_mask_permutexvar_ps(a, 0xFFFF, index, a); }
 inline __m512i permutexvar_epi32(__m512i index, __m512i a) {
   return _mm512_mask_permutexvar_epi32(a, 0xFFFF, index, a);
-}
-
-// max |x|, sum |x| and whether all of x[0, dim) is finite.
-inline ProbeStats probe_stats(const float* x, int64_t dim) {
-  int64_t d = 0;
-  __m512 vmax = _mm512_setzero_ps(), vabs = _mm512_setzero_ps();
-  __m512 finite = _mm512_setzero_ps();  // x * 0 is 0 for finite x, NaN otherwise
-  for (; d + 16 <= dim; d += 16) {
-    const __m512 v = _mm512_loadu_ps(x + d);
-    vmax = max_ps(vmax, _mm512_abs_ps(v));
-    vabs = _mm512_add_ps(vabs, _mm512_abs_ps(v));
-    finite = _mm512_add_ps(finite, _mm512_mul_ps(v, _mm512_setzero_ps()));
-  }
-  ProbeStats stats{_mm512_reduce_max_ps(vmax), _mm512_reduce_add_ps(vabs), _mm512_reduce_add_ps(finite) == 0.0f};
-  probe_stats_tail(x, d, dim, stats);
-  return stats;
-}
-
-// digits[d] = r = round(x[d] * inv) clamped to the digit range; err += sum |x - s r| (each
-// term one fused rounding, whatever rounding gave r), digit_sum += sum r.
-inline void round_probe(const float* x, int64_t dim, float s, float inv, int8_t* digits, double& err,
-                        int64_t& digit_sum) {
-  int64_t d = 0;
-  __m512 verr = _mm512_setzero_ps();
-  __m512i vsum = _mm512_setzero_si512();
-  const __m512 vs = _mm512_set1_ps(s), vinv = _mm512_set1_ps(inv);
-  const __m512i lo = _mm512_set1_epi32(-kScreenDigitMax), hi = _mm512_set1_epi32(kScreenDigitMax);
-  for (; d + 16 <= dim; d += 16) {
-    const __m512 v = _mm512_loadu_ps(x + d);
-    const __m512i r = _mm512_min_epi32(hi, _mm512_max_epi32(lo, _mm512_cvtps_epi32(_mm512_mul_ps(v, vinv))));
-    verr = _mm512_add_ps(verr, _mm512_abs_ps(_mm512_fnmadd_ps(vs, _mm512_cvtepi32_ps(r), v)));
-    vsum = _mm512_add_epi32(vsum, r);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(digits + d), _mm512_cvtepi32_epi8(r));
-  }
-  err += _mm512_reduce_add_ps(verr);
-  digit_sum += _mm512_reduce_add_epi32(vsum);
-  round_probe_tail(x, d, dim, s, inv, digits, err, digit_sum);
 }
 
 // Lane i of the result: the sum of the 16 int32 lanes of v[i], i < 16 (a transposed reduction:
@@ -199,58 +216,6 @@ __attribute__((always_inline)) inline void screen_dots(const int8_t* const* keys
 }  // namespace detail
 #elif MLLM_INT8_SCREEN == MLLM_SCREEN_AVX2
 namespace detail {
-inline float hmax(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
-}
-inline float hsum(__m256 v) {
-  __m128 m = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_add_ps(m, _mm_movehl_ps(m, m));
-  return _mm_cvtss_f32(_mm_add_ss(m, _mm_shuffle_ps(m, m, 1)));
-}
-inline __m256 abs_ps(__m256 v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v); }
-
-// max |x|, sum |x| and whether all of x[0, dim) is finite.
-inline ProbeStats probe_stats(const float* x, int64_t dim) {
-  int64_t d = 0;
-  __m256 vmax = _mm256_setzero_ps(), vabs = _mm256_setzero_ps();
-  __m256 finite = _mm256_setzero_ps();  // x * 0 is 0 for finite x, NaN otherwise
-  for (; d + 8 <= dim; d += 8) {
-    const __m256 v = _mm256_loadu_ps(x + d);
-    vmax = _mm256_max_ps(vmax, abs_ps(v));
-    vabs = _mm256_add_ps(vabs, abs_ps(v));
-    finite = _mm256_add_ps(finite, _mm256_mul_ps(v, _mm256_setzero_ps()));
-  }
-  ProbeStats stats{hmax(vmax), hsum(vabs), hsum(finite) == 0.0f};
-  probe_stats_tail(x, d, dim, stats);
-  return stats;
-}
-
-// As the VNNI version: digits, err += sum |x - s r|, digit_sum += sum r.
-inline void round_probe(const float* x, int64_t dim, float s, float inv, int8_t* digits, double& err,
-                        int64_t& digit_sum) {
-  int64_t d = 0;
-  __m256 verr = _mm256_setzero_ps();
-  __m256i vsum = _mm256_setzero_si256();
-  const __m256 vs = _mm256_set1_ps(s), vinv = _mm256_set1_ps(inv);
-  const __m256i lo = _mm256_set1_epi32(-kScreenDigitMax), hi = _mm256_set1_epi32(kScreenDigitMax);
-  alignas(32) int32_t lanes[8];
-  for (; d + 8 <= dim; d += 8) {
-    const __m256 v = _mm256_loadu_ps(x + d);
-    const __m256i r = _mm256_min_epi32(hi, _mm256_max_epi32(lo, _mm256_cvtps_epi32(_mm256_mul_ps(v, vinv))));
-    verr = _mm256_add_ps(verr, abs_ps(_mm256_fnmadd_ps(vs, _mm256_cvtepi32_ps(r), v)));
-    vsum = _mm256_add_epi32(vsum, r);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), r);
-    for (int i = 0; i < 8; ++i) digits[d + i] = static_cast<int8_t>(lanes[i]);
-  }
-  err += hsum(verr);
-  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), vsum);
-  for (int i = 0; i < 8; ++i) digit_sum += lanes[i];
-  round_probe_tail(x, d, dim, s, inv, digits, err, digit_sum);
-}
-
-
 // out[i] = the sum of the 8 int32 lanes of v[i], i < 8.
 inline __m256i reduce8_epi32(const __m256i* v) {
   const __m256i s01 = _mm256_hadd_epi32(v[0], v[1]), s23 = _mm256_hadd_epi32(v[2], v[3]);
