@@ -210,15 +210,19 @@ std::vector<at::Tensor> descend_tree(const std::vector<at::Tensor>& probes, cons
   auto fanout_of = [&](size_t level) { return level == 0 ? top_nodes : fanout; };
   auto parents_count = [&](size_t level) { return level == 0 ? int64_t(1) : levels[level - 1].t; };
   if (batch < at::get_num_threads()) {
-    // Too few queries for the threads: split each level's children among them where it pays.
-    for (int64_t b = 0; b < batch; ++b)
-      for (size_t level = 0; level < num_levels; ++level) {
-        const int64_t children = level == 0 ? top_nodes : parents_count(level) * fanout;
-        if (level > 0 && worth_splitting(batch, children, keys[level].size(1)))
+    // Too few queries for the threads: level by level, each row's children split among them
+    // where that pays, else one row per thread.
+    for (size_t level = 0; level < num_levels; ++level) {
+      if (level > 0 && worth_splitting(batch, parents_count(level) * fanout, keys[level].size(1))) {
+        for (int64_t b = 0; b < batch; ++b)
           split_row(levels[level], b, parents_of(level, b), parents_count(level), fanout, false);
-        else
-          levels[level].run(b, parents_of(level, b), parents_count(level), fanout_of(level), false);
+        continue;
       }
+      at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b)
+          levels[level].run(b, parents_of(level, b), parents_count(level), fanout_of(level), false);
+      });
+    }
   } else {
     at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b)
