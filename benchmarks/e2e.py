@@ -31,7 +31,6 @@ one in-RAM copy of the keys exists at a time (plus their int8 copy, 3.8 GB).
 from __future__ import annotations
 
 import gc
-import importlib.metadata
 import math
 import resource
 import sys
@@ -127,13 +126,6 @@ def _import_faiss():
     except ImportError as error:
         return None, f"faiss not importable ({error}); pip install faiss-cpu for the FAISS columns"
     return faiss, None
-
-
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -959,9 +951,9 @@ def _run(s: E2ESizes, preset: str, threads: int, faiss, why: str | None, out_dir
     start = time.perf_counter()
     machine = report.machine_info(threads)
     machine.update(
-        faiss=faiss.__version__ if faiss is not None else f"not used ({_version('faiss-cpu')})",
+        faiss=faiss.__version__ if faiss is not None else f"not used ({report._version('faiss-cpu')})",
         numpy=np.__version__,
-        matplotlib=_version("matplotlib"),
+        matplotlib=report._version("matplotlib"),
     )
     config = {k: v for k, v in asdict(s).items() if k != "data"}
     config["data"] = s.data.describe()

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mllm.layout import _caps  # group sizes, the same cut as the memory's own layout
+
 # Float32 bytes of leaf rows converted at once (bounds the working memory of the layout and of
 # the level means).
 _CHUNK_BYTES = 256 << 20
@@ -136,14 +138,6 @@ def scratch_path(directory: str | None, stem: str) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Layout
-
-
-def _caps(n: int, size: int) -> torch.Tensor:
-    """Sizes of ``n`` items cut into groups of ``size`` (the last may be smaller)."""
-    k = -(-n // size)
-    caps = torch.full((k,), size, dtype=torch.int64)
-    caps[-1] = n - (k - 1) * size
-    return caps
 
 
 class _Rows:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from . import _validate
+
 
 def register(namespace: str) -> None:
     """Register autograd formulas for ``namespace::cls_pool`` and ``namespace::score_children``."""
@@ -33,11 +35,7 @@ def register(namespace: str) -> None:
 
     def score_children_setup(ctx, inputs, output):
         probes, keys, _parents, _fanout, reduce, _mask, key_scales = inputs
-        if key_scales is not None and key_scales.requires_grad:
-            raise RuntimeError(
-                "score_children: key_scales must not require grad: int8 keys and their scales are "
-                "not differentiable (only probes get a gradient); pass key_scales.detach()"
-            )
+        _validate.check_scales_not_differentiable("score_children", key_scales)
         _scores, child_ids = output
         ctx.save_for_backward(probes, keys, child_ids, key_scales)
         ctx.reduce = reduce

@@ -59,6 +59,15 @@ def check_key_scales(op, keys, key_scales, keys_name="keys", scales_name="key_sc
     _same_device(op, **{keys_name: keys, scales_name: key_scales})
 
 
+def check_scales_not_differentiable(op, key_scales):
+    """int8 keys and their scales get no gradient: refuse ``key_scales`` that asks for one."""
+    if key_scales is not None and key_scales.requires_grad:
+        raise RuntimeError(
+            f"{op}: key_scales must not require grad: int8 keys and their scales are not differentiable "
+            "(only probes get a gradient); pass key_scales.detach()"
+        )
+
+
 def _int64(op, name, value):
     _tensor(op, name, value)
     if value.dtype != torch.int64:

@@ -184,12 +184,8 @@ def score_children(
     ops = _resolve("score_children", backend, _device_of("score_children", "probes", probes))
     if ops is None:
         _validate.check_children("score_children", probes, keys, parents, fanout, reduce, mask, key_scales)
-        if key_scales is not None and key_scales.requires_grad and torch.is_grad_enabled():
-            # As the registered autograd of the kernels (mllm_kernels._autograd) refuses it.
-            raise RuntimeError(
-                "score_children: key_scales must not require grad: int8 keys and their scales are "
-                "not differentiable (only probes get a gradient); pass key_scales.detach()"
-            )
+        if torch.is_grad_enabled():  # as the registered autograd of the kernels (mllm_kernels._autograd)
+            _validate.check_scales_not_differentiable("score_children", key_scales)
         return reference.score_children(probes, keys, parents, fanout, reduce, mask, key_scales)
     return ops.score_children(probes, keys, parents, fanout, reduce, mask, key_scales)
 

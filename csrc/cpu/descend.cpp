@@ -24,16 +24,18 @@ struct PreparedLevel {
   at::Tensor ids;     // [B, t] output
   at::Tensor scores;  // [B, t] output
   int64_t t;
-  // Runs the level for query row b over the children of parents[0 .. num_parents), into row b
-  // of the outputs, or into row `part` of the [parts, t] buffers `part_scores`, `part_ids`.
+  // Selects the top t of query row b over the children of parents[0 .. num_parents) into
+  // out_scores [t] (the compute dtype) and out_ids [t].
   std::function<void(int64_t b, const int64_t* parents, int64_t num_parents, int64_t fanout, bool skip_repeated,
-                     int64_t part, void* part_scores, int64_t* part_ids)>
+                     void* out_scores, int64_t* out_ids)>
       run_row;
-  // Row b of the outputs = the top t of the first num_parts rows of such buffers.
+  // Row b of the outputs = the top t of the num_parts rows of [num_parts, t] partial results.
   std::function<void(int64_t b, int64_t num_parts, const void* part_scores, const int64_t* part_ids)> merge_parts;
 
+  // run_row into row b of the outputs.
   void run(int64_t b, const int64_t* parents, int64_t num_parents, int64_t fanout, bool skip_repeated) const {
-    run_row(b, parents, num_parents, fanout, skip_repeated, -1, nullptr, nullptr);
+    run_row(b, parents, num_parents, fanout, skip_repeated,
+            static_cast<char*>(scores.data_ptr()) + b * t * scores.element_size(), ids.data_ptr<int64_t>() + b * t);
   }
 };
 
@@ -64,11 +66,10 @@ PreparedLevel prepare_level(const at::Tensor& probes, const at::Tensor& keys, co
       acc_t* scores = level.scores.data_ptr<acc_t>();
       int64_t* ids = level.ids.data_ptr<int64_t>();
       level.run_row = [=](int64_t b, const int64_t* parents, int64_t num_parents, int64_t fanout, bool skip_repeated,
-                          int64_t part, void* part_scores, int64_t* part_ids) {
+                          void* out_scores, int64_t* out_ids) {
         thread_local RowScratch<acc_t> scratch;
-        acc_t* row_scores = part < 0 ? scores + b * t : static_cast<acc_t*>(part_scores) + part * t;
-        int64_t* row_ids = part < 0 ? ids + b * t : part_ids + part * t;
-        descend_row(view, b, parents, num_parents, fanout, skip_repeated, t, row_scores, row_ids, scratch);
+        descend_row(view, b, parents, num_parents, fanout, skip_repeated, t, static_cast<acc_t*>(out_scores), out_ids,
+                    scratch);
       };
       // ranks_before is a total order, so the top t of the parts' top t is the one-pass result.
       level.merge_parts = [=](int64_t b, int64_t num_parts, const void* part_scores, const int64_t* part_ids) {
@@ -119,8 +120,9 @@ void split_row(const PreparedLevel& level, int64_t b, const int64_t* parents, in
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
     for (int64_t part = begin; part < end; ++part) {
       const int64_t first = num_parents * part / parts, last = num_parents * (part + 1) / parts;
-      level.run_row(b, parents + first, last - first, fanout, /*skip_repeated=*/false, part, part_scores.data_ptr(),
-                    part_ids.data_ptr<int64_t>());
+      char* scores_row = static_cast<char*>(part_scores.data_ptr()) + part * level.t * part_scores.element_size();
+      level.run_row(b, parents + first, last - first, fanout, /*skip_repeated=*/false, scores_row,
+                    part_ids.data_ptr<int64_t>() + part * level.t);
     }
   });
   level.merge_parts(b, parts, part_scores.data_ptr(), part_ids.data_ptr<int64_t>());

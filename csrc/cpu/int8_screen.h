@@ -294,13 +294,13 @@ class Int8Screen {
       double err = 0.0;
       int64_t digit_sum = 0;
       detail::round_probe(row, dim, s, inv, digits, err, digit_sum);
-      const double abs_sum = stats.abs_sum;
       // Each |p - s r| term is within 2^-24 of its float value; the float sums of D non-negative
       // terms are within a relative gamma(D) of the real sums: inflate them.
       const double err_bound = err * (1.0 + 2.0 * gamma) * (1.0 + 0x1p-23);
       scale_[p] = s;
       // Rounded up to float (the relative 2^-22 exceeds a float rounding).
-      slack_[p] = static_cast<float>(kInt8KeyMax * (err_bound + gamma * abs_sum * (1.0 + 2.0 * gamma)) * (1.0 + 0x1p-22));
+      const double abs_bound = gamma * stats.abs_sum * (1.0 + 2.0 * gamma);
+      slack_[p] = static_cast<float>(kInt8KeyMax * (err_bound + abs_bound) * (1.0 + 0x1p-22));
       correction_[p] = static_cast<int32_t>(128 * digit_sum);  // |128 * sum r| <= 128 * 127 * 65536
     }
     return true;
@@ -326,13 +326,7 @@ class Int8Screen {
     __m512 pos = _mm512_set1_ps(-INFINITY), neg = _mm512_set1_ps(-INFINITY);
     alignas(64) int32_t sums[16];
     for (int64_t p0 = 0; p0 < num_probes_; p0 += 4) {
-      const int8_t* digits = digits_.data() + p0 * stride_;
-      switch (std::min<int64_t>(4, num_probes_ - p0)) {
-        case 4: detail::screen_dots<4>(keys, digits, stride_, dim_, sums); break;
-        case 3: detail::screen_dots<3>(keys, digits, stride_, dim_, sums); break;
-        case 2: detail::screen_dots<2>(keys, digits, stride_, dim_, sums); break;
-        default: detail::screen_dots<1>(keys, digits, stride_, dim_, sums); break;
-      }
+      probe_block_dots(keys, p0, sums);
       const __m512 scale = _mm512_broadcast_f32x4(_mm_loadu_ps(scale_.data() + p0));
       const __m512 slack = _mm512_broadcast_f32x4(_mm_loadu_ps(slack_.data() + p0));
       const __m512i correction =
@@ -375,13 +369,7 @@ class Int8Screen {
     std::fill(neg, neg + kKeys, -INFINITY);
     alignas(32) int32_t sums[16];
     for (int64_t p0 = 0; p0 < num_probes_; p0 += 4) {
-      const int8_t* digits = digits_.data() + p0 * stride_;
-      switch (std::min<int64_t>(4, num_probes_ - p0)) {
-        case 4: detail::screen_dots<4>(keys, digits, stride_, dim_, sums); break;
-        case 3: detail::screen_dots<3>(keys, digits, stride_, dim_, sums); break;
-        case 2: detail::screen_dots<2>(keys, digits, stride_, dim_, sums); break;
-        default: detail::screen_dots<1>(keys, digits, stride_, dim_, sums); break;
-      }
+      probe_block_dots(keys, p0, sums);
       for (int j = 0; j < kKeys; ++j)
         for (int r = 0; r < 4; ++r) {
           const float slack = slack_[p0 + r];
@@ -416,10 +404,24 @@ class Int8Screen {
   }
 
  private:
+#if MLLM_INT8_SCREEN
+  // sums[4 * j + r] = <digits of probe p0 + r, keys[j] + 128> for the block of (up to) four
+  // probes from p0; lanes of probes past the last are 0.
+  void probe_block_dots(const int8_t* const* keys, int64_t p0, int32_t* sums) const {
+    const int8_t* digits = digits_.data() + p0 * stride_;
+    switch (std::min<int64_t>(4, num_probes_ - p0)) {
+      case 4: detail::screen_dots<4>(keys, digits, stride_, dim_, sums); break;
+      case 3: detail::screen_dots<3>(keys, digits, stride_, dim_, sums); break;
+      case 2: detail::screen_dots<2>(keys, digits, stride_, dim_, sums); break;
+      default: detail::screen_dots<1>(keys, digits, stride_, dim_, sums); break;
+    }
+  }
+#endif
+
   int64_t num_probes_ = 0, dim_ = 0, stride_ = 0;
   float log_num_probes_ = 0;  // the logsumexp of P values is at most their max + log(P)
-  std::vector<int8_t> digits_;  // [ceil(P / 4) * 4, stride_]: the probes' int8 digits, zero past dim
-  // Per probe (padded to whole blocks of 4): s = max |p| / 127; the slack
+  std::vector<int8_t> digits_;  // [ceil(P / 4) * 4, stride_]: the probes' digits, zero past dim
+  // Per probe (padded to whole blocks of 4): s = max |p| / kScreenDigitMax; the slack
   // 127 * (sum |p - s r| + gamma(D) sum |p|), inflated for its own rounding (-inf for padding);
   // 128 * sum_d r_d (the keys enter the integer dot product as q + 128).
   std::vector<float> scale_, slack_;
