@@ -175,6 +175,28 @@ def test_ties_smaller_id_first(backend, t, gen):
         assert torch.equal(again[0], ids) and torch.equal(again[1], scores)
 
 
+@pytest.mark.parametrize("num_probes", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("dtype", [F32, F16])
+def test_equal_keys_score_equal_wherever_they_fall(num_probes, dtype, gen):
+    """The CPU kernels score keys in groups of up to four (and tails of two and one); a key's score
+    must not depend on its group, or exact ties would break by position instead of by id."""
+    N, D, fanout = 23, 389, 5  # D: SIMD blocks plus a scalar tail; fanout: groups straddle parents
+    keys = make_keys(1, D, dtype, gen).expand(N, D).contiguous()
+    probes = make_probes(2, num_probes, D, F32, gen)
+    parents = torch.tensor([[4, 0, 2, 1, 3], [3, -1, 1, 4, 0]])
+    mask = torch.ones(N, dtype=torch.bool)
+    mask[[1, 6, 7, 13]] = False  # shifts the group boundaries inside blocks
+    for reduce in REDUCES:
+        ids, scores = mk.descend(probes, keys, parents, fanout, N, reduce, mask, backend="cpu")
+        live = torch.nonzero(mask).flatten()
+        assert torch.equal(ids[0, : live.numel()], live), ids[0]
+        for b in range(2):
+            valid = scores[b][ids[b] >= 0]
+            assert torch.all(valid == valid[0]), valid
+        slot_scores, slot_ids = mk.score_children(probes, keys, parents, fanout, reduce, mask, backend="cpu")
+        assert torch.all(slot_scores[0][slot_ids[0] >= 0] == scores[0, 0])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ties_lse(backend, gen):
     probes, keys = _tie_inputs(gen)

@@ -73,8 +73,13 @@ std::tuple<at::Tensor, at::Tensor> cls_pool(const at::Tensor& x, const at::Tenso
         for (int64_t tile = offset_data[c]; tile < offset_data[c + 1]; tile += kRowTile) {
           const int64_t rows = std::min(kRowTile, offset_data[c + 1] - tile);
           const x_t* x_tile = x_data + tile * dim;
-          // Row by row, so x is read as one sequential stream (faster here than row tiles).
-          for (int64_t r = 0; r < rows; ++r) multi_dot(q_data, heads, dim, x_tile + r * dim, logits.data() + r * heads);
+          const x_t* x_rows[kRowTile];
+          acc_t* logit_rows[kRowTile];
+          for (int64_t r = 0; r < rows; ++r) {
+            x_rows[r] = x_tile + r * dim;
+            logit_rows[r] = logits.data() + r * heads;
+          }
+          multi_dot_many(q_data, heads, dim, x_rows, rows, logit_rows);
           for (int64_t h = 0; h < heads; ++h) {
             acc_t tile_max = -INFINITY;
             for (int64_t r = 0; r < rows; ++r) tile_max = std::max(tile_max, logits[r * heads + h]);

@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <functional>
 #include <vector>
 
@@ -128,6 +129,25 @@ void split_row(const PreparedLevel& level, int64_t b, const int64_t* parents, in
   level.merge_parts(b, parts, part_scores.data_ptr(), part_ids.data_ptr<int64_t>());
 }
 
+// Calls row_fn(b) for every b < batch on all the threads, handing out rows one at a time from
+// a shared counter rather than in fixed shares: rows differ in work (masks, short blocks, the
+// int8 screen), and on a shared machine a thread that loses its core for a while would otherwise
+// leave the others waiting for it at the end.
+template <typename RowFn>
+void parallel_rows(int64_t batch, const RowFn& row_fn) {
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), batch);
+  if (threads <= 1 || at::in_parallel_region()) {
+    for (int64_t b = 0; b < batch; ++b) row_fn(b);
+    return;
+  }
+  std::atomic<int64_t> next_row{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t b = next_row.fetch_add(1, std::memory_order_relaxed); b < batch;
+         b = next_row.fetch_add(1, std::memory_order_relaxed))
+      row_fn(b);
+  });
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> descend(const at::Tensor& probes, const at::Tensor& keys, const at::Tensor& parents,
@@ -149,9 +169,8 @@ std::tuple<at::Tensor, at::Tensor> descend(const at::Tensor& probes, const at::T
     for (int64_t b = 0; b < batch; ++b) split_row(level, b, parent_ids + b * num_parents, num_parents, fanout, true);
     return {level.ids, level.scores};
   }
-  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b)
-      level.run(b, parent_ids + b * num_parents, num_parents, fanout, /*skip_repeated=*/true);
+  parallel_rows(batch, [&](int64_t b) {
+    level.run(b, parent_ids + b * num_parents, num_parents, fanout, /*skip_repeated=*/true);
   });
   return {level.ids, level.scores};
 }
@@ -220,16 +239,14 @@ std::vector<at::Tensor> descend_tree(const std::vector<at::Tensor>& probes, cons
           split_row(levels[level], b, parents_of(level, b), parents_count(level), fanout, false);
         continue;
       }
-      at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t b = begin; b < end; ++b)
-          levels[level].run(b, parents_of(level, b), parents_count(level), fanout_of(level), false);
+      parallel_rows(batch, [&](int64_t b) {
+        levels[level].run(b, parents_of(level, b), parents_count(level), fanout_of(level), false);
       });
     }
   } else {
-    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b)
-        for (size_t level = 0; level < num_levels; ++level)
-          levels[level].run(b, parents_of(level, b), parents_count(level), fanout_of(level), false);
+    parallel_rows(batch, [&](int64_t b) {
+      for (size_t level = 0; level < num_levels; ++level)
+        levels[level].run(b, parents_of(level, b), parents_count(level), fanout_of(level), false);
     });
   }
   std::vector<at::Tensor> out;

@@ -13,6 +13,7 @@
 #include "../common/quantized.h"
 #include "../common/top_t.h"
 #include "int8_screen.h"
+#include "prefetch_stream.h"
 #include "simd.h"
 
 namespace mllm::cpu {
@@ -50,29 +51,38 @@ void descend_row(const LevelView<key_t, acc_t>& level, int64_t b, const int64_t*
   RunningTopT<acc_t> top(out_scores, out_ids, t);
   std::vector<acc_t>& dots = scratch.dots;
   const int64_t num_probes = level.num_probes;
-  dots.resize(2 * num_probes);
+  dots.resize(kMaxDotGroup * num_probes);
   auto push = [&](acc_t* child_dots, int64_t child) {
     if constexpr (std::is_same_v<key_t, int8_t>)
       scale_dots(child_dots, num_probes, static_cast<acc_t>(level.scales[child]));
-    top.push(reduce_probes(child_dots, num_probes, level.lse), child);
+    const acc_t score = reduce_probes(child_dots, num_probes, level.lse);
+    // Most children do not enter a full top t: reject them here (NaN included, never kept)
+    // without the call; a tie goes to push, which breaks it by id.
+    if (top.size == top.capacity && !(score >= top.scores[top.capacity - 1])) return;
+    top.push(score, child);
   };
   auto score_exactly = [&](int64_t child) {
     multi_dot(probes, num_probes, level.dim, level.keys + child * level.dim, dots.data());
     push(dots.data(), child);
   };
-  // Children are scored two at a time (multi_dot2 shares each probe load between them); the
-  // first of a pair waits here, and is pushed first, so the order of pushes is the child order.
-  int64_t waiting = -1;
-  auto score_in_pairs = [&](int64_t child) {
-    if (waiting < 0) {
-      waiting = child;
-      return;
+  // Children are scored kMaxDotGroup at a time (multi_dot_many shares each probe load between
+  // them); they wait here, and are pushed in child order.
+  int64_t waiting[kMaxDotGroup];
+  int num_waiting = 0;
+  auto score_waiting = [&]() {
+    const key_t* rows[kMaxDotGroup];
+    acc_t* outs[kMaxDotGroup];
+    for (int i = 0; i < num_waiting; ++i) {
+      rows[i] = level.keys + waiting[i] * level.dim;
+      outs[i] = dots.data() + i * num_probes;
     }
-    multi_dot2(probes, num_probes, level.dim, level.keys + waiting * level.dim, level.keys + child * level.dim,
-               dots.data(), dots.data() + num_probes);
-    push(dots.data(), waiting);
-    push(dots.data() + num_probes, child);
-    waiting = -1;
+    multi_dot_many(probes, num_probes, level.dim, rows, num_waiting, outs);
+    for (int i = 0; i < num_waiting; ++i) push(outs[i], waiting[i]);
+    num_waiting = 0;
+  };
+  auto score_in_groups = [&](int64_t child) {
+    waiting[num_waiting++] = child;
+    if (num_waiting == kMaxDotGroup) score_waiting();
   };
   // int8 screen: once the top t is full, candidates are bounded Int8Screen::kKeys at a time and
   // those whose bound is strictly below the t-th score (they cannot rank before it) are skipped.
@@ -120,23 +130,19 @@ void descend_row(const LevelView<key_t, acc_t>& level, int64_t b, const int64_t*
     }
     num_pending = 0;
   };
+  BlockPrefetcher prefetcher(level.keys, fanout * row_bytes, level.num_nodes * row_bytes, parents, num_parents);
   for (int64_t j = 0; j < num_parents; ++j) {
     const int64_t parent = parents[j];
     if (parent < 0) continue;
     bool repeated = false;
     for (int64_t k = 0; skip_repeated && k < j && !repeated; ++k) repeated = parents[k] == parent;
     if (repeated) continue;
-    // Software prefetch keeps enough rows in flight to approach memory bandwidth: the next
-    // parent's first rows while this block is scored, and kPrefetchRows ahead inside it.
-    if (j + 1 < num_parents && parents[j + 1] >= 0) {
-      prefetch_row(level.keys + parents[j + 1] * fanout * level.dim, kPrefetchRows * row_bytes);
-      if (level.scales != nullptr)  // the first scales of the next block (fanout may be huge)
-        prefetch_row(level.scales + parents[j + 1] * fanout, std::min<int64_t>(fanout, 64) * int64_t(sizeof(float)));
-    }
+    if (level.scales != nullptr && j + 1 < num_parents && parents[j + 1] >= 0)  // the next block's first scales
+      prefetch_row(level.scales + parents[j + 1] * fanout, std::min<int64_t>(fanout, 64) * int64_t(sizeof(float)));
     const int64_t first = parent * fanout;
     const int64_t last = first + std::min(fanout, level.num_nodes - first);
     for (int64_t child = first; child < last; ++child) {
-      if (child + kPrefetchRows < last) prefetch_row(level.keys + (child + kPrefetchRows) * level.dim, row_bytes);
+      prefetcher.advance(row_bytes);
       if (level.mask != nullptr && !level.mask[child]) continue;
       if constexpr (kScreen) {
         if (screen_state == 0 && top.size == top.capacity)
@@ -146,13 +152,11 @@ void descend_row(const LevelView<key_t, acc_t>& level, int64_t b, const int64_t*
           if (num_pending == Int8Screen::kKeys) flush_pending();
           continue;
         }
-        score_exactly(child);
-      } else {
-        score_in_pairs(child);
       }
+      score_in_groups(child);
     }
   }
-  if (waiting >= 0) score_exactly(waiting);
+  if (num_waiting > 0) score_waiting();
   if constexpr (kScreen) {
     if (num_pending > 0) flush_pending();
     if (num_deferred > 0) flush_deferred();

@@ -12,6 +12,7 @@
 #include "../common/probe_reduce.h"
 #include "../common/quantized.h"
 #include "kernels.h"
+#include "prefetch_stream.h"
 #include "simd.h"
 
 namespace mllm::cpu {
@@ -66,7 +67,9 @@ std::tuple<at::Tensor, at::Tensor> score_children(const at::Tensor& probes, cons
       const int64_t work = batch * num_parents;
       at::parallel_for(0, work, 1, [&](int64_t begin, int64_t end) {
         const int64_t row_bytes = dim * int64_t(sizeof(key_t));
-        std::vector<acc_t> dots(num_probes);
+        std::vector<acc_t> dots(kMaxDotGroup * num_probes);
+        BlockPrefetcher prefetcher(key_data, fanout * row_bytes, num_nodes * row_bytes, parent_data + begin,
+                                   end - begin);
         for (int64_t item = begin; item < end; ++item) {
           const int64_t b = item / num_parents, j = item % num_parents;
           const int64_t parent = parent_data[item];
@@ -74,22 +77,38 @@ std::tuple<at::Tensor, at::Tensor> score_children(const at::Tensor& probes, cons
           const int64_t valid = parent < 0 ? 0 : std::min(fanout, num_nodes - parent * fanout);
           acc_t* slot_scores = score_data + b * num_slots + j * fanout;
           int64_t* slot_ids = id_data + b * num_slots + j * fanout;
-          if (item + 1 < end && parent_data[item + 1] >= 0)
-            prefetch_row(key_data + parent_data[item + 1] * fanout * dim, kPrefetchRows * row_bytes);
+          const acc_t* row_probes = probe_data + b * num_probes * dim;
+          // Unmasked children are scored kMaxDotGroup at a time (one pass over the probes).
+          int64_t group[kMaxDotGroup];
+          int num_grouped = 0;
+          auto score_group = [&]() {
+            const key_t* group_keys[kMaxDotGroup];
+            acc_t* group_dots[kMaxDotGroup];
+            for (int i = 0; i < num_grouped; ++i) {
+              group_keys[i] = key_data + (parent * fanout + group[i]) * dim;
+              group_dots[i] = dots.data() + i * num_probes;
+            }
+            multi_dot_many(row_probes, num_probes, dim, group_keys, num_grouped, group_dots);
+            for (int i = 0; i < num_grouped; ++i) {
+              const int64_t child = parent * fanout + group[i];
+              if constexpr (std::is_same_v<key_t, int8_t>)
+                scale_dots(group_dots[i], num_probes, static_cast<acc_t>(scale_data[child]));
+              slot_scores[group[i]] = reduce_probes(group_dots[i], num_probes, lse);
+              slot_ids[group[i]] = child;
+            }
+            num_grouped = 0;
+          };
           for (int64_t k = 0; k < valid; ++k) {
-            const int64_t child = parent * fanout + k;
-            if (k + kPrefetchRows < valid) prefetch_row(key_data + (child + kPrefetchRows) * dim, row_bytes);
-            if (mask_data != nullptr && !mask_data[child]) {
+            prefetcher.advance(row_bytes);
+            if (mask_data != nullptr && !mask_data[parent * fanout + k]) {
               slot_scores[k] = -INFINITY;
               slot_ids[k] = -1;
               continue;
             }
-            multi_dot(probe_data + b * num_probes * dim, num_probes, dim, key_data + child * dim, dots.data());
-            if constexpr (std::is_same_v<key_t, int8_t>)
-              scale_dots(dots.data(), num_probes, static_cast<acc_t>(scale_data[child]));
-            slot_scores[k] = reduce_probes(dots.data(), num_probes, lse);
-            slot_ids[k] = child;
+            group[num_grouped++] = k;
+            if (num_grouped == kMaxDotGroup) score_group();
           }
+          if (num_grouped > 0) score_group();
           for (int64_t k = valid; k < fanout; ++k) {
             slot_scores[k] = -INFINITY;
             slot_ids[k] = -1;

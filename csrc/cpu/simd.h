@@ -36,14 +36,6 @@ inline vfloat vload(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm512_fmadd_ps(a, b, c); }
-inline float vsum(vfloat v) {
-  const __m256 lo = _mm512_castps512_ps256(v);
-  const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
-  const __m256 v8 = _mm256_add_ps(lo, hi);
-  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v8), _mm256_extractf128_ps(v8, 1));
-  const __m128 pairs = _mm_add_ps(half, _mm_movehl_ps(half, half));
-  return _mm_cvtss_f32(_mm_add_ss(pairs, _mm_shuffle_ps(pairs, pairs, 1)));
-}
 inline void vstore(float* p, vfloat v) { _mm512_storeu_ps(p, v); }
 inline __m256 fold256(vfloat v) {
   return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
@@ -66,11 +58,6 @@ inline vfloat vload(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm256_fmadd_ps(a, b, c); }
-inline float vsum(vfloat v) {
-  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 pairs = _mm_add_ps(half, _mm_movehl_ps(half, half));
-  return _mm_cvtss_f32(_mm_add_ss(pairs, _mm_shuffle_ps(pairs, pairs, 1)));
-}
 inline void vstore(float* p, vfloat v) { _mm256_storeu_ps(p, v); }
 inline __m256 fold256(vfloat v) { return v; }
 #else
@@ -85,22 +72,33 @@ inline void vsum4(const vfloat* v, float* out) {
   const __m256 abcd = _mm256_hadd_ps(ab, cd);  // per 128-bit lane: a, b, c, d partial sums
   _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1)));
 }
+
+// The horizontal sum of one vector, adding its lanes in vsum4's order (so a dot product gets the
+// same bits whether it is reduced alone or in a group of four).
+inline float vsum(vfloat v) {
+  const __m256 a = fold256(v);
+  const __m256 pairs = _mm256_hadd_ps(a, a);
+  const __m256 quads = _mm256_hadd_ps(pairs, pairs);
+  return _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(quads), _mm256_extractf128_ps(quads, 1)));
+}
 #endif
 
 #if MLLM_SIMD_WIDTH
 namespace detail {
 // Independent accumulators per dot product: an FMA waits ~4 cycles for its accumulator, so a
-// block of few rows splits each dot product over several accumulators (summed at the end) to
-// keep 8 or more FMAs in flight. It depends only on kRows, so a row scored alone or in a pair
-// gets the same rounding.
+// tile of few rows splits each dot product over several accumulators (summed at the end) to
+// keep 8 FMAs in flight with the tile's widest x group. It depends only on kRows, so a vector
+// gets the same rounding whatever group it is scored in.
 template <int kRows>
-constexpr int kSplits = kRows == 1 ? 4 : kRows == 2 ? 2 : 1;
+constexpr int kSplits = kRows == 1 ? 2 : 1;
 
-// out[x][r] = <rows[r, :], xs[x]> for r < kRows (up to four) and x < kX (one or two vectors):
-// each load of a row feeds every x, each load of an x every row.
+// out[x][r] = <rows[r, :], xs[x]> for r < kRows (up to four) and x < kX (up to four; at most
+// eight accumulators, so that they, the xs and a row fit the 16 vector registers): each load of
+// a row feeds every x, each load (and conversion) of an x every row.
 template <int kRows, int kX, typename x_t>
 inline void dot_tile(const float* rows, int64_t dim, const x_t* const* xs, float* const* out) {
   constexpr int W = MLLM_SIMD_WIDTH, S = kSplits<kRows>;
+  static_assert(kRows * kX * S <= 8, "accumulators must fit the registers");
   vfloat acc[kX][kRows][S];
   for (int x = 0; x < kX; ++x)
     for (int r = 0; r < kRows; ++r)
@@ -120,22 +118,32 @@ inline void dot_tile(const float* rows, int64_t dim, const x_t* const* xs, float
       const vfloat xv = vload(xs[x] + d);
       for (int r = 0; r < kRows; ++r) acc[x][r][0] = vfma(vload(rows + r * dim + d), xv, acc[x][r][0]);
     }
-  for (int x = 0; x < kX; ++x) {
-    vfloat sums[kRows];
+  vfloat sums[kX][kRows];
+  for (int x = 0; x < kX; ++x)
     for (int r = 0; r < kRows; ++r) {
-      sums[r] = acc[x][r][0];
-      for (int u = 1; u < S; ++u) sums[r] = vadd(sums[r], acc[x][r][u]);
+      sums[x][r] = acc[x][r][0];
+      for (int u = 1; u < S; ++u) sums[x][r] = vadd(sums[x][r], acc[x][r][u]);
     }
-    if constexpr (kRows == 4) {
-      vsum4(sums, out[x]);
-    } else {
-      for (int r = 0; r < kRows; ++r) out[x][r] = vsum(sums[r]);
+  // Four sums at a time where a tile has four rows or four xs, else one by one (same bits).
+  if constexpr (kRows == 4) {
+    for (int x = 0; x < kX; ++x) vsum4(sums[x], out[x]);
+  } else if constexpr (kX == 4) {
+    for (int r = 0; r < kRows; ++r) {
+      const vfloat column[4] = {sums[0][r], sums[1][r], sums[2][r], sums[3][r]};
+      float total[4];
+      vsum4(column, total);
+      for (int x = 0; x < 4; ++x) out[x][r] = total[x];
     }
+  } else {
+    for (int x = 0; x < kX; ++x)
+      for (int r = 0; r < kRows; ++r) out[x][r] = vsum(sums[x][r]);
+  }
+  for (int x = 0; x < kX; ++x)
     for (int64_t e = d; e < dim; ++e)
       for (int r = 0; r < kRows; ++r) out[x][r] += rows[r * dim + e] * static_cast<float>(xs[x][e]);
-  }
 }
 
+// Every row against kX xs, tiling the rows four at a time.
 template <int kX, typename x_t>
 inline void multi_dot_simd(const float* rows, int64_t num_rows, int64_t dim, const x_t* const* xs, float* const* out) {
   int64_t p = 0;
@@ -143,7 +151,12 @@ inline void multi_dot_simd(const float* rows, int64_t num_rows, int64_t dim, con
     constexpr int R = decltype(rows_in_tile)::value;
     float* out_p[kX];
     for (int x = 0; x < kX; ++x) out_p[x] = out[x] + p;
-    dot_tile<R, kX>(rows + p * dim, dim, xs, out_p);
+    if constexpr (kX == 4 && R * kX * kSplits<R> > 8) {  // too many accumulators: two xs at a time
+      dot_tile<R, 2>(rows + p * dim, dim, xs, out_p);
+      dot_tile<R, 2>(rows + p * dim, dim, xs + 2, out_p + 2);
+    } else {
+      dot_tile<R, kX>(rows + p * dim, dim, xs, out_p);
+    }
     p += R;
   };
   while (p + 4 <= num_rows) tile(std::integral_constant<int, 4>{});
@@ -162,34 +175,40 @@ inline void multi_dot_simd(const float* rows, int64_t num_rows, int64_t dim, con
 template <typename acc_t, typename x_t>
 constexpr bool kSimdDot = MLLM_SIMD_WIDTH && std::is_same_v<acc_t, float> && !std::is_same_v<x_t, double>;
 
+// The most vectors multi_dot_many scores in one pass over the rows.
+constexpr int kMaxDotGroup = 4;
+
+// outs[x][p] = <rows[p, :], xs[x]> for p < num_rows and x < num_xs: the rows are read once per
+// group of up to kMaxDotGroup xs, and each x once per tile of rows. A dot product gets the same
+// bits whatever num_xs and its place among the xs. rows: [num_rows, dim] contiguous.
+template <typename acc_t, typename x_t>
+inline void multi_dot_many(const acc_t* rows, int64_t num_rows, int64_t dim, const x_t* const* xs, int64_t num_xs,
+                           acc_t* const* outs) {
+#if MLLM_SIMD_WIDTH
+  if constexpr (kSimdDot<acc_t, x_t>) {
+    int64_t x = 0;
+    for (; x + 4 <= num_xs; x += 4) detail::multi_dot_simd<4>(rows, num_rows, dim, xs + x, outs + x);
+    if (x + 2 <= num_xs) {
+      detail::multi_dot_simd<2>(rows, num_rows, dim, xs + x, outs + x);
+      x += 2;
+    }
+    if (x < num_xs) detail::multi_dot_simd<1>(rows, num_rows, dim, xs + x, outs + x);
+    return;
+  }
+#endif
+  for (int64_t x = 0; x < num_xs; ++x)
+    for (int64_t p = 0; p < num_rows; ++p) {
+      acc_t sum = 0;
+      const acc_t* row = rows + p * dim;
+      for (int64_t d = 0; d < dim; ++d) sum += row[d] * static_cast<acc_t>(xs[x][d]);
+      outs[x][p] = sum;
+    }
+}
+
 // out[p] = <rows[p, :], x> for p < num_rows, reading x once. rows: [num_rows, dim] contiguous.
 template <typename acc_t, typename x_t>
 inline void multi_dot(const acc_t* rows, int64_t num_rows, int64_t dim, const x_t* x, acc_t* out) {
-#if MLLM_SIMD_WIDTH
-  if constexpr (kSimdDot<acc_t, x_t>) return detail::multi_dot_simd<1>(rows, num_rows, dim, &x, &out);
-#endif
-  for (int64_t p = 0; p < num_rows; ++p) {
-    acc_t sum = 0;
-    const acc_t* row = rows + p * dim;
-    for (int64_t d = 0; d < dim; ++d) sum += row[d] * static_cast<acc_t>(x[d]);
-    out[p] = sum;
-  }
-}
-
-// multi_dot against two vectors at once (out0 for x0, out1 for x1), with the same rounding as
-// two multi_dot calls.
-template <typename acc_t, typename x_t>
-inline void multi_dot2(const acc_t* rows, int64_t num_rows, int64_t dim, const x_t* x0, const x_t* x1,
-                       acc_t* out0, acc_t* out1) {
-#if MLLM_SIMD_WIDTH
-  if constexpr (kSimdDot<acc_t, x_t>) {
-    const x_t* xs[2] = {x0, x1};
-    acc_t* outs[2] = {out0, out1};
-    return detail::multi_dot_simd<2>(rows, num_rows, dim, xs, outs);
-  }
-#endif
-  multi_dot(rows, num_rows, dim, x0, out0);
-  multi_dot(rows, num_rows, dim, x1, out1);
+  multi_dot_many(rows, num_rows, dim, &x, 1, &out);
 }
 
 // acc[d] += sum_r weights[r] * x[r * stride + d] for d < dim, over num_rows rows of x that are
@@ -220,11 +239,6 @@ template <typename acc_t, typename x_t>
 inline void axpy(acc_t* acc, acc_t weight, const x_t* x, int64_t dim) {
   axpy_rows(acc, &weight, x, 1, dim, dim);
 }
-
-// How many key rows ahead of the ones being scored the kernels prefetch. 16 rows into the L2
-// (prefetcht1) read a level far larger than the caches 1.5x faster than 8 rows into the L1
-// (B=64, one probe, random parents: 2.0 -> 1.34 ms on 2 cores); 32 rows were no better.
-constexpr int64_t kPrefetchRows = 16;
 
 // Prefetches the row at `p` (`bytes` long) into the L2 (and the L3).
 inline void prefetch_row(const void* p, int64_t bytes) {
