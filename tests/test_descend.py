@@ -257,6 +257,24 @@ def test_non_contiguous(backend, which, gen):
     assert_topk_equal(ids, scores, ref_ids, ref_scores)
 
 
+@pytest.mark.parametrize("num_probes", [1, 2, 5])
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+@pytest.mark.parametrize("reduce", REDUCES)
+def test_rows_sharing_parents(num_probes, dtype, reduce, gen):
+    """Many rows selecting the same few parents: the C++ kernel reads each shared block once for
+    all of them. Each row must get what it gets alone (bit for bit) and what the reference gives."""
+    B, D, N, fanout, T = 48, 40, 6 * 16 - 5, 16, 4  # 6 parents, the last one short
+    probes = make_probes(B, num_probes, D, F32, gen)
+    keys = make_keys(N, D, dtype, gen)
+    parents = make_parents(B, T, num_parents(N, fanout), gen)
+    mask = make_mask(N, gen)
+    for t in (1, 7, 40):
+        ids, scores = check("cpu", probes, keys, parents, fanout, t, reduce, mask)
+        for b in range(0, B, 5):
+            alone = mk.descend(probes[b : b + 1], keys, parents[b : b + 1], fanout, t, reduce, mask, backend="cpu")
+            assert torch.equal(alone[0][0], ids[b]) and torch.equal(alone[1][0], scores[b]), b
+
+
 @pytest.mark.parametrize("op", ["descend", "descend_tree"])
 def test_same_result_for_any_thread_count(op, gen):
     """The C++ kernels split work across threads; the result must not depend on how."""

@@ -10,6 +10,7 @@
 
 #include "../checks.h"
 #include "descend_row.h"
+#include "descend_shared.h"
 #include "kernels.h"
 
 namespace mllm::cpu {
@@ -30,6 +31,12 @@ struct PreparedLevel {
   std::function<void(int64_t b, const int64_t* parents, int64_t num_parents, int64_t fanout, bool skip_repeated,
                      void* out_scores, int64_t* out_ids)>
       run_row;
+  // run into rows first_row .. first_row + num_rows of the outputs together, where row b's
+  // parents are parents_of(b): float keys share the reads of parents that several rows selected
+  // (descend_rows_shared), int8 keys go row by row (each row's int8 screen skips most keys).
+  std::function<void(int64_t first_row, int64_t num_rows, const std::function<const int64_t*(int64_t)>& parents_of,
+                     int64_t num_parents, int64_t fanout, bool skip_repeated)>
+      run_rows;
   // Row b of the outputs = the top t of the num_parts rows of [num_parts, t] partial results.
   std::function<void(int64_t b, int64_t num_parts, const void* part_scores, const int64_t* part_ids)> merge_parts;
 
@@ -71,6 +78,19 @@ PreparedLevel prepare_level(const at::Tensor& probes, const at::Tensor& keys, co
         thread_local RowScratch<acc_t> scratch;
         descend_row(view, b, parents, num_parents, fanout, skip_repeated, t, static_cast<acc_t*>(out_scores), out_ids,
                     scratch);
+      };
+      level.run_rows = [=](int64_t first_row, int64_t num_rows, const std::function<const int64_t*(int64_t)>& parents_of,
+                           int64_t num_parents, int64_t fanout, bool skip_repeated) {
+        if constexpr (std::is_same_v<key_t, int8_t>) {
+          thread_local RowScratch<acc_t> scratch;
+          for (int64_t b = first_row; b < first_row + num_rows; ++b)
+            descend_row(view, b, parents_of(b), num_parents, fanout, skip_repeated, t, scores + b * t, ids + b * t,
+                        scratch);
+        } else {
+          thread_local SharedScratch<acc_t> scratch;
+          descend_rows_shared(view, first_row, num_rows, parents_of, num_parents, fanout, skip_repeated, t, scores,
+                              ids, scratch);
+        }
       };
       // ranks_before is a total order, so the top t of the parts' top t is the one-pass result.
       level.merge_parts = [=](int64_t b, int64_t num_parts, const void* part_scores, const int64_t* part_ids) {
@@ -129,22 +149,28 @@ void split_row(const PreparedLevel& level, int64_t b, const int64_t* parents, in
   level.merge_parts(b, parts, part_scores.data_ptr(), part_ids.data_ptr<int64_t>());
 }
 
-// Calls row_fn(b) for every b < batch on all the threads, handing out rows one at a time from
-// a shared counter rather than in fixed shares: rows differ in work (masks, short blocks, the
-// int8 screen), and on a shared machine a thread that loses its core for a while would otherwise
-// leave the others waiting for it at the end.
-template <typename RowFn>
-void parallel_rows(int64_t batch, const RowFn& row_fn) {
+// Calls block_fn(first_row, num_rows) over blocks of rows covering [0, batch) on all the threads.
+// Blocks are handed out one at a time from a shared counter rather than in fixed shares: rows
+// differ in work (masks, short blocks, the int8 screen, shared parents), and on a shared machine
+// a thread that loses its core for a while would otherwise leave the others waiting for it at
+// the end. A block is a quarter of a thread's share (at most kMaxRowsPerBlock rows): large enough
+// for its rows to share the parents they have in common, small enough to even out the threads.
+constexpr int64_t kMaxRowsPerBlock = 64;
+
+template <typename BlockFn>
+void parallel_row_blocks(int64_t batch, const BlockFn& block_fn) {
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), batch);
   if (threads <= 1 || at::in_parallel_region()) {
-    for (int64_t b = 0; b < batch; ++b) row_fn(b);
+    for (int64_t first = 0; first < batch; first += kMaxRowsPerBlock)
+      block_fn(first, std::min(kMaxRowsPerBlock, batch - first));
     return;
   }
+  const int64_t rows = std::clamp<int64_t>(batch / (4 * threads), 1, kMaxRowsPerBlock);
   std::atomic<int64_t> next_row{0};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    for (int64_t b = next_row.fetch_add(1, std::memory_order_relaxed); b < batch;
-         b = next_row.fetch_add(1, std::memory_order_relaxed))
-      row_fn(b);
+    for (int64_t first = next_row.fetch_add(rows, std::memory_order_relaxed); first < batch;
+         first = next_row.fetch_add(rows, std::memory_order_relaxed))
+      block_fn(first, std::min(rows, batch - first));
   });
 }
 
@@ -169,8 +195,9 @@ std::tuple<at::Tensor, at::Tensor> descend(const at::Tensor& probes, const at::T
     for (int64_t b = 0; b < batch; ++b) split_row(level, b, parent_ids + b * num_parents, num_parents, fanout, true);
     return {level.ids, level.scores};
   }
-  parallel_rows(batch, [&](int64_t b) {
-    level.run(b, parent_ids + b * num_parents, num_parents, fanout, /*skip_repeated=*/true);
+  const std::function<const int64_t*(int64_t)> parents_of = [&](int64_t b) { return parent_ids + b * num_parents; };
+  parallel_row_blocks(batch, [&](int64_t first_row, int64_t num_rows) {
+    level.run_rows(first_row, num_rows, parents_of, num_parents, fanout, /*skip_repeated=*/true);
   });
   return {level.ids, level.scores};
 }
@@ -239,14 +266,17 @@ std::vector<at::Tensor> descend_tree(const std::vector<at::Tensor>& probes, cons
           split_row(levels[level], b, parents_of(level, b), parents_count(level), fanout, false);
         continue;
       }
-      parallel_rows(batch, [&](int64_t b) {
-        levels[level].run(b, parents_of(level, b), parents_count(level), fanout_of(level), false);
+      at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b)
+          levels[level].run(b, parents_of(level, b), parents_count(level), fanout_of(level), false);
       });
     }
   } else {
-    parallel_rows(batch, [&](int64_t b) {
-      for (size_t level = 0; level < num_levels; ++level)
-        levels[level].run(b, parents_of(level, b), parents_count(level), fanout_of(level), false);
+    parallel_row_blocks(batch, [&](int64_t first_row, int64_t num_rows) {
+      for (size_t level = 0; level < num_levels; ++level) {
+        const std::function<const int64_t*(int64_t)> level_parents = [&](int64_t b) { return parents_of(level, b); };
+        levels[level].run_rows(first_row, num_rows, level_parents, parents_count(level), fanout_of(level), false);
+      }
     });
   }
   std::vector<at::Tensor> out;

@@ -34,9 +34,17 @@ struct LevelView {
 // Per-thread scratch of descend_row, reused across rows and calls.
 template <typename acc_t>
 struct RowScratch {
-  std::vector<acc_t> dots;  // [2, P] the probe scores of two children
+  std::vector<acc_t> dots;  // [kMaxDotGroup, P] the probe scores of a group of children
   Int8Screen screen;        // int8 keys: the row's probes rounded to int8
 };
+
+// top.push(score, id), rejecting first (without the call) the many candidates that cannot enter
+// a full top t; NaN is rejected too (never kept), and a tie goes to push, which breaks it by id.
+template <typename acc_t>
+inline void offer(RunningTopT<acc_t>& top, acc_t score, int64_t id) {
+  if (top.size == top.capacity && !(score >= top.scores[top.capacity - 1])) return;
+  top.push(score, id);
+}
 
 // Selects the top `t` children of the `num_parents` ids in `parents` for query `b`; -1 parents
 // are empty. With `skip_repeated`, a parent id repeated in the row is skipped so that each child
@@ -55,11 +63,7 @@ void descend_row(const LevelView<key_t, acc_t>& level, int64_t b, const int64_t*
   auto push = [&](acc_t* child_dots, int64_t child) {
     if constexpr (std::is_same_v<key_t, int8_t>)
       scale_dots(child_dots, num_probes, static_cast<acc_t>(level.scales[child]));
-    const acc_t score = reduce_probes(child_dots, num_probes, level.lse);
-    // Most children do not enter a full top t: reject them here (NaN included, never kept)
-    // without the call; a tie goes to push, which breaks it by id.
-    if (top.size == top.capacity && !(score >= top.scores[top.capacity - 1])) return;
-    top.push(score, child);
+    offer(top, reduce_probes(child_dots, num_probes, level.lse), child);
   };
   auto score_exactly = [&](int64_t child) {
     multi_dot(probes, num_probes, level.dim, level.keys + child * level.dim, dots.data());

@@ -85,45 +85,27 @@ inline float vsum(vfloat v) {
 
 #if MLLM_SIMD_WIDTH
 namespace detail {
-// Independent accumulators per dot product: an FMA waits ~4 cycles for its accumulator, so a
-// tile of few rows splits each dot product over several accumulators (summed at the end) to
-// keep 8 FMAs in flight with the tile's widest x group. It depends only on kRows, so a vector
-// gets the same rounding whatever group it is scored in.
-template <int kRows>
-constexpr int kSplits = kRows == 1 ? 2 : 1;
-
 // out[x][r] = <rows[r, :], xs[x]> for r < kRows (up to four) and x < kX (up to four; at most
 // eight accumulators, so that they, the xs and a row fit the 16 vector registers): each load of
-// a row feeds every x, each load (and conversion) of an x every row.
+// a row feeds every x, each load (and conversion) of an x every row. Every dot product has one
+// accumulator, reduced in vsum4's lane order, so its bits do not depend on the tile it is in
+// (the callers group rows and xs as the work comes; exact ties must stay ties).
 template <int kRows, int kX, typename x_t>
 inline void dot_tile(const float* rows, int64_t dim, const x_t* const* xs, float* const* out) {
-  constexpr int W = MLLM_SIMD_WIDTH, S = kSplits<kRows>;
-  static_assert(kRows * kX * S <= 8, "accumulators must fit the registers");
-  vfloat acc[kX][kRows][S];
-  for (int x = 0; x < kX; ++x)
-    for (int r = 0; r < kRows; ++r)
-      for (int u = 0; u < S; ++u) acc[x][r][u] = vzero();
-  int64_t d = 0;
-  for (; d + S * W <= dim; d += S * W)
-    for (int u = 0; u < S; ++u) {
-      vfloat xv[kX];
-      for (int x = 0; x < kX; ++x) xv[x] = vload(xs[x] + d + u * W);
-      for (int r = 0; r < kRows; ++r) {
-        const vfloat row = vload(rows + r * dim + d + u * W);
-        for (int x = 0; x < kX; ++x) acc[x][r][u] = vfma(row, xv[x], acc[x][r][u]);
-      }
-    }
-  for (; d + W <= dim; d += W)
-    for (int x = 0; x < kX; ++x) {
-      const vfloat xv = vload(xs[x] + d);
-      for (int r = 0; r < kRows; ++r) acc[x][r][0] = vfma(vload(rows + r * dim + d), xv, acc[x][r][0]);
-    }
+  constexpr int W = MLLM_SIMD_WIDTH;
+  static_assert(kRows * kX <= 8, "accumulators must fit the registers");
   vfloat sums[kX][kRows];
   for (int x = 0; x < kX; ++x)
+    for (int r = 0; r < kRows; ++r) sums[x][r] = vzero();
+  int64_t d = 0;
+  for (; d + W <= dim; d += W) {
+    vfloat xv[kX];
+    for (int x = 0; x < kX; ++x) xv[x] = vload(xs[x] + d);
     for (int r = 0; r < kRows; ++r) {
-      sums[x][r] = acc[x][r][0];
-      for (int u = 1; u < S; ++u) sums[x][r] = vadd(sums[x][r], acc[x][r][u]);
+      const vfloat row = vload(rows + r * dim + d);
+      for (int x = 0; x < kX; ++x) sums[x][r] = vfma(row, xv[x], sums[x][r]);
     }
+  }
   // Four sums at a time where a tile has four rows or four xs, else one by one (same bits).
   if constexpr (kRows == 4) {
     for (int x = 0; x < kX; ++x) vsum4(sums[x], out[x]);
@@ -151,7 +133,7 @@ inline void multi_dot_simd(const float* rows, int64_t num_rows, int64_t dim, con
     constexpr int R = decltype(rows_in_tile)::value;
     float* out_p[kX];
     for (int x = 0; x < kX; ++x) out_p[x] = out[x] + p;
-    if constexpr (kX == 4 && R * kX * kSplits<R> > 8) {  // too many accumulators: two xs at a time
+    if constexpr (R * kX > 8) {  // too many accumulators: two xs at a time
       dot_tile<R, 2>(rows + p * dim, dim, xs, out_p);
       dot_tile<R, 2>(rows + p * dim, dim, xs + 2, out_p + 2);
     } else {

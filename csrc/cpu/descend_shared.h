@@ -1,0 +1,108 @@
+// The fused descent of several query rows together, for keys scored in floating point: a parent
+// that several of the rows selected is read (and its keys converted) once, and its children are
+// scored against the probes of all those rows in one pass. Each row keeps its own running top t;
+// the result is the one descend_row gives for each row (a dot product has the same bits in any
+// tile, and the top t does not depend on the order of the candidates).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+#include "descend_row.h"
+
+namespace mllm::cpu {
+
+// Per-thread scratch of descend_rows_shared, reused across calls.
+template <typename acc_t>
+struct SharedScratch {
+  std::vector<std::pair<int64_t, int64_t>> pairs;  // (parent, row) of every candidate block
+  std::vector<int64_t> block_parents;              // the distinct parents, in scan order
+  std::vector<acc_t> probes;                       // [rows of a block, P, D] gathered
+  std::vector<acc_t> dots;                         // [kMaxDotGroup, rows of a block, P]
+  std::vector<RunningTopT<acc_t>> tops;            // per row: its running top t
+};
+
+// Selects the top `t` children for the query rows first_row .. first_row + num_rows: row b's
+// parents are parents_of(b)[0 .. num_parents) (-1 empty; a repeated one is skipped with
+// `skip_repeated`), and its result goes to out_scores + b * t and out_ids + b * t.
+template <typename key_t, typename acc_t, typename ParentsOf>
+void descend_rows_shared(const LevelView<key_t, acc_t>& level, int64_t first_row, int64_t num_rows,
+                         const ParentsOf& parents_of, int64_t num_parents, int64_t fanout, bool skip_repeated,
+                         int64_t t, acc_t* out_scores, int64_t* out_ids, SharedScratch<acc_t>& scratch) {
+  const int64_t num_probes = level.num_probes, dim = level.dim;
+  const int64_t row_bytes = dim * int64_t(sizeof(key_t));
+  // Group the rows by parent: sort the (parent, row) pairs once.
+  auto& pairs = scratch.pairs;
+  pairs.clear();
+  for (int64_t r = 0; r < num_rows; ++r) {
+    const int64_t* parents = parents_of(first_row + r);
+    for (int64_t j = 0; j < num_parents; ++j) {
+      if (parents[j] < 0) continue;
+      bool repeated = false;
+      for (int64_t k = 0; skip_repeated && k < j && !repeated; ++k) repeated = parents[k] == parents[j];
+      if (!repeated) pairs.emplace_back(parents[j], r);
+    }
+  }
+  std::sort(pairs.begin(), pairs.end());
+  auto& block_parents = scratch.block_parents;
+  block_parents.clear();
+  for (size_t i = 0; i < pairs.size(); ++i)
+    if (i == 0 || pairs[i].first != pairs[i - 1].first) block_parents.push_back(pairs[i].first);
+
+  auto& tops = scratch.tops;
+  tops.clear();
+  for (int64_t r = 0; r < num_rows; ++r)
+    tops.emplace_back(out_scores + (first_row + r) * t, out_ids + (first_row + r) * t, t);
+  BlockPrefetcher prefetcher(level.keys, fanout * row_bytes, level.num_nodes * row_bytes, block_parents.data(),
+                             static_cast<int64_t>(block_parents.size()));
+  for (size_t begin = 0; begin < pairs.size();) {
+    const int64_t parent = pairs[begin].first;
+    size_t end = begin;
+    while (end < pairs.size() && pairs[end].first == parent) ++end;
+    const int64_t sharing = static_cast<int64_t>(end - begin);
+    // The probes of the rows sharing this parent, contiguous (a single row's are used in place).
+    const acc_t* probes = level.probes + (first_row + pairs[begin].second) * num_probes * dim;
+    if (sharing > 1) {
+      scratch.probes.resize(sharing * num_probes * dim);
+      for (int64_t q = 0; q < sharing; ++q)
+        std::memcpy(scratch.probes.data() + q * num_probes * dim,
+                    level.probes + (first_row + pairs[begin + q].second) * num_probes * dim,
+                    num_probes * dim * sizeof(acc_t));
+      probes = scratch.probes.data();
+    }
+    const int64_t rows_per_child = sharing * num_probes;
+    scratch.dots.resize(kMaxDotGroup * rows_per_child);
+    int64_t group[kMaxDotGroup];
+    int num_grouped = 0;
+    auto score_group = [&]() {
+      const key_t* group_keys[kMaxDotGroup];
+      acc_t* group_dots[kMaxDotGroup];
+      for (int i = 0; i < num_grouped; ++i) {
+        group_keys[i] = level.keys + group[i] * dim;
+        group_dots[i] = scratch.dots.data() + i * rows_per_child;
+      }
+      multi_dot_many(probes, rows_per_child, dim, group_keys, num_grouped, group_dots);
+      for (int i = 0; i < num_grouped; ++i)
+        for (int64_t q = 0; q < sharing; ++q)
+          offer(tops[pairs[begin + q].second], reduce_probes(group_dots[i] + q * num_probes, num_probes, level.lse),
+                group[i]);
+      num_grouped = 0;
+    };
+    const int64_t first = parent * fanout;
+    const int64_t last = first + std::min(fanout, level.num_nodes - first);
+    for (int64_t child = first; child < last; ++child) {
+      prefetcher.advance(row_bytes);
+      if (level.mask != nullptr && !level.mask[child]) continue;
+      group[num_grouped++] = child;
+      if (num_grouped == kMaxDotGroup) score_group();
+    }
+    if (num_grouped > 0) score_group();
+    begin = end;
+  }
+  for (RunningTopT<acc_t>& top : tops) top.finish();
+}
+
+}  // namespace mllm::cpu
