@@ -73,13 +73,9 @@ std::tuple<at::Tensor, at::Tensor> cls_pool(const at::Tensor& x, const at::Tenso
         for (int64_t tile = offset_data[c]; tile < offset_data[c + 1]; tile += kRowTile) {
           const int64_t rows = std::min(kRowTile, offset_data[c + 1] - tile);
           const x_t* x_tile = x_data + tile * dim;
-          const x_t* x_rows[kRowTile];
-          acc_t* logit_rows[kRowTile];
-          for (int64_t r = 0; r < rows; ++r) {
-            x_rows[r] = x_tile + r * dim;
-            logit_rows[r] = logits.data() + r * heads;
-          }
-          multi_dot_many(q_data, heads, dim, x_rows, rows, logit_rows);
+          // Row by row, so x is read as one sequential stream (faster here than row tiles).
+          for (int64_t r = 0; r < rows; ++r)
+            multi_dot_split(q_data, heads, dim, x_tile + r * dim, logits.data() + r * heads);
           for (int64_t h = 0; h < heads; ++h) {
             acc_t tile_max = -INFINITY;
             for (int64_t r = 0; r < rows; ++r) tile_max = std::max(tile_max, logits[r * heads + h]);
@@ -153,7 +149,7 @@ std::tuple<at::Tensor, at::Tensor> cls_pool_backward(const at::Tensor& grad_out,
         std::copy(grad_data + c * heads * dim, grad_data + (c + 1) * heads * dim, rows_2h.begin() + heads * dim);
         for (int64_t i = offset_data[c]; i < offset_data[c + 1]; ++i) {
           const x_t* x_row = x_data + i * dim;
-          multi_dot(rows_2h.data(), 2 * heads, dim, x_row, dots.data());
+          multi_dot_split(rows_2h.data(), 2 * heads, dim, x_row, dots.data());
           std::fill(grad_row.begin(), grad_row.end(), acc_t(0));
           for (int64_t h = 0; h < heads; ++h) {
             const acc_t p = std::exp(dots[h] - lse_data[c * heads + h]);

@@ -85,27 +85,41 @@ inline float vsum(vfloat v) {
 
 #if MLLM_SIMD_WIDTH
 namespace detail {
-// out[x][r] = <rows[r, :], xs[x]> for r < kRows (up to four) and x < kX (up to four; at most
-// eight accumulators, so that they, the xs and a row fit the 16 vector registers): each load of
-// a row feeds every x, each load (and conversion) of an x every row. Every dot product has one
-// accumulator, reduced in vsum4's lane order, so its bits do not depend on the tile it is in
-// (the callers group rows and xs as the work comes; exact ties must stay ties).
-template <int kRows, int kX, typename x_t>
+// out[x][r] = <rows[r, :], xs[x]> for r < kRows (up to four) and x < kX (up to four), each dot
+// product over kS accumulators (at most eight in all, so that they, the xs and a row fit the 16
+// vector registers): each load of a row feeds every x, each load (and conversion) of an x every
+// row. With kS = 1 a dot product's bits do not depend on the tile it is in: it has one
+// accumulator, reduced in vsum4's lane order (the descent groups rows and xs as the work comes,
+// and exact ties must stay ties).
+template <int kRows, int kX, int kS, typename x_t>
 inline void dot_tile(const float* rows, int64_t dim, const x_t* const* xs, float* const* out) {
   constexpr int W = MLLM_SIMD_WIDTH;
-  static_assert(kRows * kX <= 8, "accumulators must fit the registers");
+  static_assert(kRows * kX * kS <= 8, "accumulators must fit the registers");
+  vfloat acc[kX][kRows][kS];
+  for (int x = 0; x < kX; ++x)
+    for (int r = 0; r < kRows; ++r)
+      for (int u = 0; u < kS; ++u) acc[x][r][u] = vzero();
+  int64_t d = 0;
+  for (; d + kS * W <= dim; d += kS * W)
+    for (int u = 0; u < kS; ++u) {
+      vfloat xv[kX];
+      for (int x = 0; x < kX; ++x) xv[x] = vload(xs[x] + d + u * W);
+      for (int r = 0; r < kRows; ++r) {
+        const vfloat row = vload(rows + r * dim + d + u * W);
+        for (int x = 0; x < kX; ++x) acc[x][r][u] = vfma(row, xv[x], acc[x][r][u]);
+      }
+    }
+  for (; d + W <= dim; d += W)
+    for (int x = 0; x < kX; ++x) {
+      const vfloat xv = vload(xs[x] + d);
+      for (int r = 0; r < kRows; ++r) acc[x][r][0] = vfma(vload(rows + r * dim + d), xv, acc[x][r][0]);
+    }
   vfloat sums[kX][kRows];
   for (int x = 0; x < kX; ++x)
-    for (int r = 0; r < kRows; ++r) sums[x][r] = vzero();
-  int64_t d = 0;
-  for (; d + W <= dim; d += W) {
-    vfloat xv[kX];
-    for (int x = 0; x < kX; ++x) xv[x] = vload(xs[x] + d);
     for (int r = 0; r < kRows; ++r) {
-      const vfloat row = vload(rows + r * dim + d);
-      for (int x = 0; x < kX; ++x) sums[x][r] = vfma(row, xv[x], sums[x][r]);
+      sums[x][r] = acc[x][r][0];
+      for (int u = 1; u < kS; ++u) sums[x][r] = vadd(sums[x][r], acc[x][r][u]);
     }
-  }
   // Four sums at a time where a tile has four rows or four xs, else one by one (same bits).
   if constexpr (kRows == 4) {
     for (int x = 0; x < kX; ++x) vsum4(sums[x], out[x]);
@@ -125,19 +139,22 @@ inline void dot_tile(const float* rows, int64_t dim, const x_t* const* xs, float
       for (int r = 0; r < kRows; ++r) out[x][r] += rows[r * dim + e] * static_cast<float>(xs[x][e]);
 }
 
-// Every row against kX xs, tiling the rows four at a time.
-template <int kX, typename x_t>
+// Every row against kX xs, tiling the rows four at a time. kSplit (with kX = 1 only): tiles of
+// one or two rows split each dot product over 4 or 2 accumulators, to keep 4 FMAs in flight.
+template <int kX, bool kSplit, typename x_t>
 inline void multi_dot_simd(const float* rows, int64_t num_rows, int64_t dim, const x_t* const* xs, float* const* out) {
+  static_assert(!kSplit || kX == 1, "split accumulators are for one x");
   int64_t p = 0;
   auto tile = [&](auto rows_in_tile) {
     constexpr int R = decltype(rows_in_tile)::value;
+    constexpr int S = kSplit ? (R == 1 ? 4 : R == 2 ? 2 : 1) : 1;
     float* out_p[kX];
     for (int x = 0; x < kX; ++x) out_p[x] = out[x] + p;
     if constexpr (R * kX > 8) {  // too many accumulators: two xs at a time
-      dot_tile<R, 2>(rows + p * dim, dim, xs, out_p);
-      dot_tile<R, 2>(rows + p * dim, dim, xs + 2, out_p + 2);
+      dot_tile<R, 2, S>(rows + p * dim, dim, xs, out_p);
+      dot_tile<R, 2, S>(rows + p * dim, dim, xs + 2, out_p + 2);
     } else {
-      dot_tile<R, kX>(rows + p * dim, dim, xs, out_p);
+      dot_tile<R, kX, S>(rows + p * dim, dim, xs, out_p);
     }
     p += R;
   };
@@ -169,12 +186,12 @@ inline void multi_dot_many(const acc_t* rows, int64_t num_rows, int64_t dim, con
 #if MLLM_SIMD_WIDTH
   if constexpr (kSimdDot<acc_t, x_t>) {
     int64_t x = 0;
-    for (; x + 4 <= num_xs; x += 4) detail::multi_dot_simd<4>(rows, num_rows, dim, xs + x, outs + x);
+    for (; x + 4 <= num_xs; x += 4) detail::multi_dot_simd<4, false>(rows, num_rows, dim, xs + x, outs + x);
     if (x + 2 <= num_xs) {
-      detail::multi_dot_simd<2>(rows, num_rows, dim, xs + x, outs + x);
+      detail::multi_dot_simd<2, false>(rows, num_rows, dim, xs + x, outs + x);
       x += 2;
     }
-    if (x < num_xs) detail::multi_dot_simd<1>(rows, num_rows, dim, xs + x, outs + x);
+    if (x < num_xs) detail::multi_dot_simd<1, false>(rows, num_rows, dim, xs + x, outs + x);
     return;
   }
 #endif
@@ -191,6 +208,18 @@ inline void multi_dot_many(const acc_t* rows, int64_t num_rows, int64_t dim, con
 template <typename acc_t, typename x_t>
 inline void multi_dot(const acc_t* rows, int64_t num_rows, int64_t dim, const x_t* x, acc_t* out) {
   multi_dot_many(rows, num_rows, dim, &x, 1, &out);
+}
+
+// out[p] = <rows[p, :], x> for p < num_rows like multi_dot, with each dot product split over
+// several accumulators when the rows are few: faster for one x at a time (a stream of xs read in
+// order), but its bits differ from multi_dot's, so the descent (whose scores must tie exactly)
+// does not use it.
+template <typename acc_t, typename x_t>
+inline void multi_dot_split(const acc_t* rows, int64_t num_rows, int64_t dim, const x_t* x, acc_t* out) {
+#if MLLM_SIMD_WIDTH
+  if constexpr (kSimdDot<acc_t, x_t>) return detail::multi_dot_simd<1, true>(rows, num_rows, dim, &x, &out);
+#endif
+  multi_dot(rows, num_rows, dim, x, out);
 }
 
 // acc[d] += sum_r weights[r] * x[r * stride + d] for d < dim, over num_rows rows of x that are
