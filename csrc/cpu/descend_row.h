@@ -74,14 +74,8 @@ void descend_row(const LevelView<key_t, acc_t>& level, int64_t b, const int64_t*
   int64_t waiting[kMaxDotGroup];
   int num_waiting = 0;
   auto score_waiting = [&]() {
-    const key_t* rows[kMaxDotGroup];
-    acc_t* outs[kMaxDotGroup];
-    for (int i = 0; i < num_waiting; ++i) {
-      rows[i] = level.keys + waiting[i] * level.dim;
-      outs[i] = dots.data() + i * num_probes;
-    }
-    multi_dot_many(probes, num_probes, level.dim, rows, num_waiting, outs);
-    for (int i = 0; i < num_waiting; ++i) push(outs[i], waiting[i]);
+    multi_dot_keys(probes, num_probes, level.dim, level.keys, waiting, num_waiting, dots.data());
+    for (int i = 0; i < num_waiting; ++i) push(dots.data() + i * num_probes, waiting[i]);
     num_waiting = 0;
   };
   auto score_in_groups = [&](int64_t child) {

@@ -78,17 +78,13 @@ void descend_rows_shared(const LevelView<key_t, acc_t>& level, int64_t first_row
     int64_t group[kMaxDotGroup];
     int num_grouped = 0;
     auto score_group = [&]() {
-      const key_t* group_keys[kMaxDotGroup];
-      acc_t* group_dots[kMaxDotGroup];
+      multi_dot_keys(probes, rows_per_child, dim, level.keys, group, num_grouped, scratch.dots.data());
       for (int i = 0; i < num_grouped; ++i) {
-        group_keys[i] = level.keys + group[i] * dim;
-        group_dots[i] = scratch.dots.data() + i * rows_per_child;
-      }
-      multi_dot_many(probes, rows_per_child, dim, group_keys, num_grouped, group_dots);
-      for (int i = 0; i < num_grouped; ++i)
+        const acc_t* child_dots = scratch.dots.data() + i * rows_per_child;
         for (int64_t q = 0; q < sharing; ++q)
-          offer(tops[pairs[begin + q].second], reduce_probes(group_dots[i] + q * num_probes, num_probes, level.lse),
+          offer(tops[pairs[begin + q].second], reduce_probes(child_dots + q * num_probes, num_probes, level.lse),
                 group[i]);
+      }
       num_grouped = 0;
     };
     const int64_t first = parent * fanout;

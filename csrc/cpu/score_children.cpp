@@ -78,23 +78,18 @@ std::tuple<at::Tensor, at::Tensor> score_children(const at::Tensor& probes, cons
           acc_t* slot_scores = score_data + b * num_slots + j * fanout;
           int64_t* slot_ids = id_data + b * num_slots + j * fanout;
           const acc_t* row_probes = probe_data + b * num_probes * dim;
-          // Unmasked children are scored kMaxDotGroup at a time (one pass over the probes).
+          // Unmasked children (ids in `group`) are scored kMaxDotGroup at a time (one pass over the probes).
           int64_t group[kMaxDotGroup];
           int num_grouped = 0;
           auto score_group = [&]() {
-            const key_t* group_keys[kMaxDotGroup];
-            acc_t* group_dots[kMaxDotGroup];
+            multi_dot_keys(row_probes, num_probes, dim, key_data, group, num_grouped, dots.data());
             for (int i = 0; i < num_grouped; ++i) {
-              group_keys[i] = key_data + (parent * fanout + group[i]) * dim;
-              group_dots[i] = dots.data() + i * num_probes;
-            }
-            multi_dot_many(row_probes, num_probes, dim, group_keys, num_grouped, group_dots);
-            for (int i = 0; i < num_grouped; ++i) {
-              const int64_t child = parent * fanout + group[i];
+              const int64_t child = group[i], slot = child - parent * fanout;
+              acc_t* child_dots = dots.data() + i * num_probes;
               if constexpr (std::is_same_v<key_t, int8_t>)
-                scale_dots(group_dots[i], num_probes, static_cast<acc_t>(scale_data[child]));
-              slot_scores[group[i]] = reduce_probes(group_dots[i], num_probes, lse);
-              slot_ids[group[i]] = child;
+                scale_dots(child_dots, num_probes, static_cast<acc_t>(scale_data[child]));
+              slot_scores[slot] = reduce_probes(child_dots, num_probes, lse);
+              slot_ids[slot] = child;
             }
             num_grouped = 0;
           };
@@ -105,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor> score_children(const at::Tensor& probes, cons
               slot_ids[k] = -1;
               continue;
             }
-            group[num_grouped++] = k;
+            group[num_grouped++] = parent * fanout + k;
             if (num_grouped == kMaxDotGroup) score_group();
           }
           if (num_grouped > 0) score_group();

@@ -210,6 +210,20 @@ inline void multi_dot(const acc_t* rows, int64_t num_rows, int64_t dim, const x_
   multi_dot_many(rows, num_rows, dim, &x, 1, &out);
 }
 
+// dots[i * num_rows + p] = <rows[p, :], keys[ids[i], :]> for i < num_ids (at most kMaxDotGroup):
+// multi_dot_many over rows `ids` of a [N, dim] key matrix.
+template <typename acc_t, typename key_t>
+inline void multi_dot_keys(const acc_t* rows, int64_t num_rows, int64_t dim, const key_t* keys, const int64_t* ids,
+                           int num_ids, acc_t* dots) {
+  const key_t* key_rows[kMaxDotGroup];
+  acc_t* outs[kMaxDotGroup];
+  for (int i = 0; i < num_ids; ++i) {
+    key_rows[i] = keys + ids[i] * dim;
+    outs[i] = dots + i * num_rows;
+  }
+  multi_dot_many(rows, num_rows, dim, key_rows, num_ids, outs);
+}
+
 // out[p] = <rows[p, :], x> for p < num_rows like multi_dot, with each dot product split over
 // several accumulators when the rows are few: faster for one x at a time (a stream of xs read in
 // order), but its bits differ from multi_dot's, so the descent (whose scores must tie exactly)
