@@ -19,7 +19,7 @@ namespace mllm::cpu {
 template <typename acc_t>
 struct SharedScratch {
   std::vector<std::pair<int64_t, int64_t>> pairs;  // (parent, row) of every candidate block
-  std::vector<int64_t> block_parents;              // the distinct parents, in scan order
+  std::vector<int64_t> block_parents;              // the distinct parents, ascending (scan order)
   std::vector<acc_t> probes;                       // [rows of a block, P, D] gathered
   std::vector<acc_t> dots;                         // [kMaxDotGroup, rows of a block, P]
   std::vector<RunningTopT<acc_t>> tops;            // per row: its running top t
