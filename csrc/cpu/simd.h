@@ -265,10 +265,4 @@ inline void axpy(acc_t* acc, acc_t weight, const x_t* x, int64_t dim) {
   axpy_rows(acc, &weight, x, 1, dim, dim);
 }
 
-// Prefetches the row at `p` (`bytes` long) into the L2 (and the L3).
-inline void prefetch_row(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 2);
-}
-
 }  // namespace mllm::cpu
