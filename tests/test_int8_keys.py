@@ -344,7 +344,7 @@ def test_descend_matches_float_keys_on_exact_values(backend, gen):
 # The CPU int8 screen: exactly the same result as scoring every row
 #
 # With AVX2 or AVX-512 VNNI the CPU descent bounds each int8 row's score from the probes rounded
-# to int8 digits and skips rows that cannot beat the t-th best score so far. Its result must be bit for bit the
+# to integer digits and skips rows that cannot beat the t-th best score so far. Its result must be bit for bit the
 # top t of score_children's scores, which the same float32 arithmetic computes without skipping.
 
 
@@ -404,6 +404,25 @@ def test_cpu_screen_near_ties(P, reduce, gen):
     probes = make_probes(3, P, D, F32, gen)
     parents = torch.stack([torch.randperm(num_parents(N, fanout), generator=gen)[:16] for _ in range(3)])
     for t in (1, 5, 30):
+        _check_screen(probes, q, scales, parents, fanout, t, reduce)
+
+
+@pytest.mark.parametrize("P", [1, 4])
+@pytest.mark.parametrize("reduce", REDUCES)
+def test_cpu_screen_full_int8_range(P, reduce, gen):
+    """Keys quantised elsewhere may hold -128, which quantize_keys never writes: rows of -128s
+    and 127s, one unit apart, must still be screened exactly (the bound allows |q| = 128)."""
+    N, fanout, D = 1200, 64, 48
+    base = torch.where(torch.rand(D, generator=gen) < 0.5, -128, 127)
+    q = base.repeat(N, 1)
+    moved = torch.randint(0, D, (N,), generator=gen)
+    q[torch.arange(N), moved] -= torch.sign(base[moved])  # one unit towards zero
+    q = q.to(I8)
+    assert (q == -128).any() and (q == 127).any()
+    scales = torch.where(torch.rand(N, generator=gen) < 0.3, -1.0, 1.0)
+    probes = make_probes(3, P, D, F32, gen)
+    parents = torch.stack([torch.randperm(num_parents(N, fanout), generator=gen)[:16] for _ in range(3)])
+    for t in (1, 6, 30):
         _check_screen(probes, q, scales, parents, fanout, t, reduce)
 
 

@@ -15,6 +15,9 @@ namespace mllm {
 
 // Largest magnitude of a quantised value: the symmetric range is [-127, 127] (-128 unused).
 constexpr int kInt8KeyMax = 127;
+// Largest magnitude of any int8 value: keys quantised elsewhere may hold -128, and bounds that
+// must hold for every key row use this.
+constexpr int kInt8ValueMax = 128;
 
 // dots[p] *= scale for the P raw dot products of one int8 key row.
 template <typename acc_t>
@@ -31,14 +34,15 @@ MLLM_HOST_DEVICE acc_t dequantize(int8_t q, acc_t scale) {
 // ---------------------------------------------------------------------------------------------
 // Score bounds for skipping rows (the CPU descent's int8 screen, csrc/cpu/int8_screen.h).
 //
-// A probe p (float32, length D) is rounded to int8 digits r_d = round(p_d / s) with
-// s = max_d |p_d| / 127. For an int8 key row q and its scale k, the exact real number
-// k * <p, q> lies within k * s * <r, q> +- |k| * 127 * sum_d |p_d - s r_d| (as |q_d| <= 127).
-// The float32 kernel computes fl(fl(<p, q>) * k), whose dot product differs from the real one by
-// at most gamma(D) * sum_d |p_d q_d| <= gamma(D) * 127 * sum_d |p_d| (any summation order), and
-// whose final product adds a relative 2^-24. So the kernel's score of row q for probe p is at most
+// A probe p (float32, length D) is rounded to integer digits r_d = round(p_d / s) with
+// s = max_d |p_d| / M (M: the digit range, 127 for int8 digits). For an int8 key row q and its
+// scale k, the exact real number k * <p, q> lies within k * s * <r, q> +- |k| * 128 * sum_d
+// |p_d - s r_d| (as |q_d| <= 128). The float32 kernel computes fl(fl(<p, q>) * k), whose dot
+// product differs from the real one by at most gamma(D) * sum_d |p_d q_d| <= gamma(D) * 128 *
+// sum_d |p_d| (any summation order), and whose final product adds a relative 2^-24. So the
+// kernel's score of row q for probe p is at most
 //   k * s * <r, q> + |k| * slack_p  (+ a relative 2^-22 for the last roundings),
-// slack_p = 127 * (sum_d |p_d - s r_d| + gamma(D) * sum_d |p_d|), and a row whose bound is below
+// slack_p = 128 * (sum_d |p_d - s r_d| + gamma(D) * sum_d |p_d|), and a row whose bound is below
 // the t-th best score so far cannot enter the top t: it need not be scored exactly.
 
 // gamma(n) = n u / (1 - n u), u = 2^-24: the float32 rounding bound of an n-term sum.

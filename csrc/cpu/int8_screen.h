@@ -3,17 +3,21 @@
 //
 // Why: scoring an int8 row exactly costs as much as a float16 row (P * D float32 FMAs plus the
 // conversions), so on its own int8 saves memory traffic but not compute, and the descent is
-// compute-bound on a few cores. The screen rounds each probe to int8 once per query row and
-// bounds every candidate's score from one integer dot product per probe (AVX-512 VNNI
-// vpdpbusd: 64 multiply-adds per instruction). A candidate whose bound is below the t-th best
-// score found so far is skipped; every other candidate (those entering the top t, and near
-// misses) is scored by the exact float32 path. The results are therefore identical to scoring
-// every row exactly: the screen only removes work. The bound and its rounding analysis are in
-// common/quantized.h.
+// compute-bound on a few cores. The screen rounds each probe to integer digits once per query
+// row and bounds every candidate's score from one integer dot product per probe. A candidate
+// whose bound is below the t-th best score found so far is skipped; every other candidate (those
+// entering the top t, and near misses) is scored by the exact float32 path. The results are
+// therefore identical to scoring every row exactly: the screen only removes work. The bound and
+// its rounding analysis are in common/quantized.h.
 //
-// Built when the compiler targets AVX-512 VNNI and BW (vpdpbusd), or else AVX2 (vpmaddubsw, 32
-// multiply-adds per instruction, widened by vpmaddwd); elsewhere prepare() returns false and every
-// row is scored exactly.
+// Two builds, whichever the compiler targets:
+// - AVX-512 VNNI and BW: int8 digits, vpdpbusd (64 multiply-adds per instruction, the keys
+//   offset to u8), four keys per call;
+// - AVX2: int16 digits, vpmaddwd on the keys sign-extended to int16 (16 multiply-adds per
+//   instruction), eight keys per call, their bounds computed in the eight float lanes. The
+//   digits carry 15 bits, so the bound is within a few 1e-5 of the score and the rows scored
+//   exactly are, nearly all, those that enter the top t.
+// Elsewhere prepare() returns false and every row is scored exactly.
 #pragma once
 
 #include <algorithm>
@@ -39,10 +43,23 @@
 
 namespace mllm::cpu {
 
-// Largest magnitude of a probe's digit. vpdpbusd sums four u8 x s8 products in int32: the full
-// int8 range. vpmaddubsw (AVX2) sums two in int16 with saturation: with the keys offset to
-// [1, 255] the digits must stay within 63 so that 2 * 255 * 63 < 2^15.
-constexpr int kScreenDigitMax = MLLM_INT8_SCREEN == MLLM_SCREEN_VNNI ? kInt8KeyMax : 63;
+#if MLLM_INT8_SCREEN == MLLM_SCREEN_VNNI
+using ScreenDigit = int8_t;
+#else
+using ScreenDigit = int16_t;
+#endif
+
+// Largest magnitude of a probe's digit for rows of `dim` elements. vpdpbusd sums four u8 x s8
+// products in int32: the int8 range. vpmaddwd sums int16 x int16 pairs in int32 exactly; the
+// dot product's magnitude, at most 128 * M * dim, must stay within int32.
+inline int screen_digit_max(int64_t dim) {
+#if MLLM_INT8_SCREEN == MLLM_SCREEN_VNNI
+  (void)dim;
+  return kInt8KeyMax;
+#else
+  return static_cast<int>(std::min<int64_t>(32767, INT32_MAX / (128 * std::max<int64_t>(dim, 1))));
+#endif
+}
 
 #if MLLM_INT8_SCREEN
 namespace detail {
@@ -62,13 +79,13 @@ inline void probe_stats_tail(const float* x, int64_t d, int64_t dim, ProbeStats&
   }
   stats.finite = stats.finite && std::isfinite(stats.max_abs);
 }
-inline void round_probe_tail(const float* x, int64_t d, int64_t dim, float s, float inv, int8_t* digits,
-                             double& err, int64_t& digit_sum) {
+inline void round_probe_tail(const float* x, int64_t d, int64_t dim, float s, float inv, int digit_max,
+                             ScreenDigit* digits, double& err, int64_t& digit_sum) {
   for (; d < dim; ++d) {
-    const int r = std::clamp(static_cast<int>(std::nearbyint(x[d] * inv)), -kScreenDigitMax, kScreenDigitMax);
+    const int r = std::clamp(static_cast<int>(std::nearbyint(x[d] * inv)), -digit_max, digit_max);
     err += std::fabs(std::fma(-s, static_cast<float>(r), x[d]));
     digit_sum += r;
-    digits[d] = static_cast<int8_t>(r);
+    digits[d] = static_cast<ScreenDigit>(r);
   }
 }
 
@@ -104,13 +121,13 @@ inline ProbeStats probe_stats(const float* x, int64_t dim) {
 
 // digits[d] = r = round(x[d] * inv) clamped to the digit range; err += sum |x - s r| (each
 // term one fused rounding, whatever rounding gave r), digit_sum += sum r.
-inline void round_probe(const float* x, int64_t dim, float s, float inv, int8_t* digits, double& err,
-                        int64_t& digit_sum) {
+inline void round_probe(const float* x, int64_t dim, float s, float inv, int digit_max, ScreenDigit* digits,
+                        double& err, int64_t& digit_sum) {
   int64_t d = 0;
   __m256 verr = _mm256_setzero_ps();
   __m256i vsum = _mm256_setzero_si256();
   const __m256 vs = _mm256_set1_ps(s), vinv = _mm256_set1_ps(inv);
-  const __m256i lo = _mm256_set1_epi32(-kScreenDigitMax), hi = _mm256_set1_epi32(kScreenDigitMax);
+  const __m256i lo = _mm256_set1_epi32(-digit_max), hi = _mm256_set1_epi32(digit_max);
   alignas(32) int32_t lanes[8];
   for (; d + 8 <= dim; d += 8) {
     const __m256 v = _mm256_loadu_ps(x + d);
@@ -118,12 +135,12 @@ inline void round_probe(const float* x, int64_t dim, float s, float inv, int8_t*
     verr = _mm256_add_ps(verr, abs_ps(_mm256_fnmadd_ps(vs, _mm256_cvtepi32_ps(r), v)));
     vsum = _mm256_add_epi32(vsum, r);
     _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), r);
-    for (int i = 0; i < 8; ++i) digits[d + i] = static_cast<int8_t>(lanes[i]);
+    for (int i = 0; i < 8; ++i) digits[d + i] = static_cast<ScreenDigit>(lanes[i]);
   }
   err += hsum(verr);
   _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), vsum);
   for (int i = 0; i < 8; ++i) digit_sum += lanes[i];
-  round_probe_tail(x, d, dim, s, inv, digits, err, digit_sum);
+  round_probe_tail(x, d, dim, s, inv, digit_max, digits, err, digit_sum);
 }
 }  // namespace detail
 #endif
@@ -224,38 +241,41 @@ inline __m256i reduce8_epi32(const __m256i* v) {
   return _mm256_add_epi32(_mm256_permute2x128_si256(lo, hi, 0x20), _mm256_permute2x128_si256(lo, hi, 0x31));
 }
 
-// sums[4 * j + r] as in the VNNI version, with 32-byte steps, two keys at a time (8 int32
-// accumulators: all of the 16 vector registers with the operands, no spills). The keys' last
-// partial step is copied to a zeroed buffer (AVX2 has no masked byte load; the digits are zero
-// past dim).
+// sums[8 * r + j] = sum_d keys[j][d] * digits[r * stride + d] for 8 key rows j and r < kProbes;
+// int32, exact (see screen_digit_max). The keys are sign-extended to int16 16 at a time and
+// shared by the probes: chunks of 8 / kProbes keys (kProbes rounded up to a power of two) keep
+// kProbes * keys = 8 int32 accumulators, so that no register spills. The keys' last partial step
+// is copied to a zeroed buffer (AVX2 has no masked load; the digits are zero past dim).
 template <int kProbes>
-__attribute__((always_inline)) inline void screen_dots(const int8_t* const* keys, const int8_t* digits, int64_t stride,
+__attribute__((always_inline)) inline void screen_dots(const int8_t* const* keys, const int16_t* digits, int64_t stride,
                                                        int64_t dim, int32_t* sums) {
-  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));  // int8 q -> uint8 q + 128
-  const __m256i ones = _mm256_set1_epi16(1);
-  const int64_t whole = dim / 32 * 32;
-  for (int j0 = 0; j0 < 4; j0 += 2) {
-    __m256i acc[8];  // acc[4 * j + r]: key j0 + j, probe r
+  constexpr int kChunkKeys = kProbes == 1 ? 8 : kProbes == 2 ? 4 : 2;
+  const int64_t whole = dim / 16 * 16;
+  for (int c = 0; c < 8; c += kChunkKeys) {
+    __m256i acc[8];  // acc[r * kChunkKeys + j]: key c + j, probe r
     for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_si256();
-    auto step = [&](__m256i q0, __m256i q1, int64_t d) {
-      for (int r = 0; r < kProbes; ++r) {
-        const __m256i g = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(digits + r * stride + d));
-        acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(_mm256_maddubs_epi16(q0, g), ones));
-        acc[4 + r] = _mm256_add_epi32(acc[4 + r], _mm256_madd_epi16(_mm256_maddubs_epi16(q1, g), ones));
+    auto step = [&](const int8_t* const* rows, int64_t d, int64_t at) {
+      for (int j = 0; j < kChunkKeys; ++j) {
+        const __m256i q = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[j] + at)));
+        for (int r = 0; r < kProbes; ++r) {
+          const __m256i g = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(digits + r * stride + d));
+          acc[r * kChunkKeys + j] = _mm256_add_epi32(acc[r * kChunkKeys + j], _mm256_madd_epi16(q, g));
+        }
       }
     };
-    const int8_t *k0 = keys[j0], *k1 = keys[j0 + 1];
-    for (int64_t d = 0; d < whole; d += 32)
-      step(_mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(k0 + d)), flip),
-           _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(k1 + d)), flip), d);
+    for (int64_t d = 0; d < whole; d += 16) step(keys + c, d, d);
     if (whole < dim) {
-      alignas(32) int8_t tail[2][32] = {};
-      std::memcpy(tail[0], k0 + whole, static_cast<size_t>(dim - whole));
-      std::memcpy(tail[1], k1 + whole, static_cast<size_t>(dim - whole));
-      step(_mm256_xor_si256(_mm256_load_si256(reinterpret_cast<const __m256i*>(tail[0])), flip),
-           _mm256_xor_si256(_mm256_load_si256(reinterpret_cast<const __m256i*>(tail[1])), flip), whole);
+      alignas(16) int8_t tail[kChunkKeys][16] = {};
+      const int8_t* rows[kChunkKeys];
+      for (int j = 0; j < kChunkKeys; ++j) {
+        std::memcpy(tail[j], keys[c + j] + whole, static_cast<size_t>(dim - whole));
+        rows[j] = tail[j];
+      }
+      step(rows, whole, 0);
     }
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(sums + 4 * j0), reduce8_epi32(acc));
+    alignas(32) int32_t lanes[8];  // lane r * kChunkKeys + j
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), reduce8_epi32(acc));
+    for (int r = 0; r < kProbes; ++r) std::memcpy(sums + 8 * r + c, lanes + r * kChunkKeys, sizeof(int32_t) * kChunkKeys);
   }
 }
 
@@ -265,9 +285,9 @@ __attribute__((always_inline)) inline void screen_dots(const int8_t* const* keys
 class Int8Screen {
  public:
   // Keys bounded per call.
-  static constexpr int kKeys = 4;
+  static constexpr int kKeys = MLLM_INT8_SCREEN == MLLM_SCREEN_AVX2 ? 8 : 4;
 
-  // Rounds the probes [num_probes, dim] (float32, contiguous) of one query row to int8 digits.
+  // Rounds the probes [num_probes, dim] (float32, contiguous) of one query row to digits.
   // Returns false, and the screen must not be used, when the screen is not built, a probe holds
   // NaN or infinity, or dim exceeds what int32 sums hold exactly.
   bool prepare(const float* probes, int64_t num_probes, int64_t dim) {
@@ -284,24 +304,26 @@ class Int8Screen {
     slack_.assign(blocks * 4, -INFINITY);
     correction_.assign(blocks * 4, 0);
     const double gamma = float_sum_gamma(dim + 16);  // the float32 dot product's own rounding
+    const int digit_max = screen_digit_max(dim);
     for (int64_t p = 0; p < num_probes; ++p) {
       const float* row = probes + p * dim;
       const detail::ProbeStats stats = detail::probe_stats(row, dim);
       if (!stats.finite) return false;
-      const float s = stats.max_abs / kScreenDigitMax;
-      const float inv = stats.max_abs > 0 ? kScreenDigitMax / stats.max_abs : 0.0f;
-      int8_t* digits = digits_.data() + p * stride_;
+      const float s = stats.max_abs / static_cast<float>(digit_max);
+      const float inv = stats.max_abs > 0 ? static_cast<float>(digit_max) / stats.max_abs : 0.0f;
+      ScreenDigit* digits = digits_.data() + p * stride_;
       double err = 0.0;
       int64_t digit_sum = 0;
-      detail::round_probe(row, dim, s, inv, digits, err, digit_sum);
+      detail::round_probe(row, dim, s, inv, digit_max, digits, err, digit_sum);
       // Each |p - s r| term is within 2^-24 of its float value; the float sums of D non-negative
       // terms are within a relative gamma(D) of the real sums: inflate them.
       const double err_bound = err * (1.0 + 2.0 * gamma) * (1.0 + 0x1p-23);
       scale_[p] = s;
       // Rounded up to float (the relative 2^-22 exceeds a float rounding).
       const double abs_bound = gamma * stats.abs_sum * (1.0 + 2.0 * gamma);
-      slack_[p] = static_cast<float>(kInt8KeyMax * (err_bound + abs_bound) * (1.0 + 0x1p-22));
-      correction_[p] = static_cast<int32_t>(128 * digit_sum);  // |128 * sum r| <= 128 * 127 * 65536
+      slack_[p] = static_cast<float>(kInt8ValueMax * (err_bound + abs_bound) * (1.0 + 0x1p-22));
+      // VNNI: the keys enter the integer dot product as q + 128; |128 * sum r| <= 128 * 127 * 65536.
+      correction_[p] = MLLM_INT8_SCREEN == MLLM_SCREEN_VNNI ? static_cast<int32_t>(128 * digit_sum) : 0;
     }
     return true;
 #else
@@ -363,36 +385,34 @@ class Int8Screen {
     for (int j = 0; j < kKeys; ++j) bounds[j] = lanes[4 * j];  // lanes 0, 4, 8, 12: keys 0..3
     return (kept & 1u) | (kept >> 3 & 2u) | (kept >> 6 & 4u) | (kept >> 9 & 8u);
 #elif MLLM_INT8_SCREEN == MLLM_SCREEN_AVX2
-    // The same arithmetic as the VNNI version above, lane by lane.
-    float pos[kKeys], neg[kKeys];
-    std::fill(pos, pos + kKeys, -INFINITY);
-    std::fill(neg, neg + kKeys, -INFINITY);
-    alignas(32) int32_t sums[16];
+    // The arithmetic of the VNNI version above, with key j in lane j.
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 pos = _mm256_set1_ps(-INFINITY), neg = _mm256_set1_ps(-INFINITY);
+    alignas(32) int32_t sums[4 * kKeys];  // sums[8 * r + j]: key j, probe p0 + r
     for (int64_t p0 = 0; p0 < num_probes_; p0 += 4) {
       probe_block_dots(keys, p0, sums);
-      for (int j = 0; j < kKeys; ++j)
-        for (int r = 0; r < 4; ++r) {
-          const float slack = slack_[p0 + r];
-          const float a = scale_[p0 + r] * static_cast<float>(sums[4 * j + r] - correction_[p0 + r]);
-          const float margin = (std::fabs(a) + slack) * 0x1p-20f;
-          pos[j] = std::max(pos[j], (slack + a) + margin);
-          neg[j] = std::max(neg[j], (slack - a) + margin);
-        }
-    }
-    unsigned kept = 0;
-    for (int j = 0; j < kKeys; ++j) {
-      const float k = scales[j], abs_k = std::fabs(k);
-      float bound = abs_k * (k < 0 ? neg[j] : pos[j]);
-      bound = std::fma(std::fabs(bound), float(kScoreBoundRelative), bound);
-      if (lse) {
-        bound += log_num_probes_;
-        bound = std::fma(std::fabs(bound), float(kLseBoundRelative), bound) + float(kLseBoundAbsolute);
+      for (int64_t r = 0; r < std::min<int64_t>(4, num_probes_ - p0); ++r) {
+        const __m256 slack = _mm256_set1_ps(slack_[p0 + r]);
+        const __m256i dots = _mm256_load_si256(reinterpret_cast<const __m256i*>(sums + 8 * r));
+        const __m256 a = _mm256_mul_ps(_mm256_set1_ps(scale_[p0 + r]), _mm256_cvtepi32_ps(dots));
+        const __m256 margin = _mm256_mul_ps(_mm256_add_ps(_mm256_andnot_ps(sign, a), slack), _mm256_set1_ps(0x1p-20f));
+        pos = _mm256_max_ps(pos, _mm256_add_ps(_mm256_add_ps(slack, a), margin));
+        neg = _mm256_max_ps(neg, _mm256_add_ps(_mm256_sub_ps(slack, a), margin));
       }
-      if (!(abs_k < INFINITY)) bound = NAN;  // no bound for a non-finite scale
-      bounds[j] = bound;
-      if (!(bound < threshold)) kept |= 1u << j;
     }
-    return kept;
+    const __m256 k = _mm256_loadu_ps(scales), abs_k = _mm256_andnot_ps(sign, k);
+    __m256 bound = _mm256_mul_ps(abs_k, _mm256_blendv_ps(pos, neg, _mm256_cmp_ps(k, _mm256_setzero_ps(), _CMP_LT_OQ)));
+    bound = _mm256_fmadd_ps(_mm256_andnot_ps(sign, bound), _mm256_set1_ps(float(kScoreBoundRelative)), bound);
+    if (lse) {
+      bound = _mm256_add_ps(bound, _mm256_set1_ps(log_num_probes_));
+      bound = _mm256_add_ps(
+          _mm256_fmadd_ps(_mm256_andnot_ps(sign, bound), _mm256_set1_ps(float(kLseBoundRelative)), bound),
+          _mm256_set1_ps(float(kLseBoundAbsolute)));
+    }
+    // No bound for a non-finite scale; kept: not (bound < threshold), NaN included.
+    bound = _mm256_blendv_ps(bound, _mm256_set1_ps(NAN), _mm256_cmp_ps(abs_k, _mm256_set1_ps(INFINITY), _CMP_NLT_UQ));
+    _mm256_storeu_ps(bounds, bound);
+    return static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(bound, _mm256_set1_ps(threshold), _CMP_NLT_UQ)));
 #else
     (void)keys;
     (void)scales;
@@ -405,10 +425,10 @@ class Int8Screen {
 
  private:
 #if MLLM_INT8_SCREEN
-  // sums[4 * j + r] = <digits of probe p0 + r, keys[j] + 128> for the block of (up to) four
-  // probes from p0; lanes of probes past the last are 0.
+  // The dot products of the kKeys rows `keys` with the digits of the block of (up to) four probes
+  // from p0, in screen_dots' layout.
   void probe_block_dots(const int8_t* const* keys, int64_t p0, int32_t* sums) const {
-    const int8_t* digits = digits_.data() + p0 * stride_;
+    const ScreenDigit* digits = digits_.data() + p0 * stride_;
     switch (std::min<int64_t>(4, num_probes_ - p0)) {
       case 4: detail::screen_dots<4>(keys, digits, stride_, dim_, sums); break;
       case 3: detail::screen_dots<3>(keys, digits, stride_, dim_, sums); break;
@@ -420,10 +440,10 @@ class Int8Screen {
 
   int64_t num_probes_ = 0, dim_ = 0, stride_ = 0;
   float log_num_probes_ = 0;  // the logsumexp of P values is at most their max + log(P)
-  std::vector<int8_t> digits_;  // [ceil(P / 4) * 4, stride_]: the probes' digits, zero past dim
-  // Per probe (padded to whole blocks of 4): s = max |p| / kScreenDigitMax; the slack
-  // 127 * (sum |p - s r| + gamma(D) sum |p|), inflated for its own rounding (-inf for padding);
-  // 128 * sum_d r_d (the keys enter the integer dot product as q + 128).
+  std::vector<ScreenDigit> digits_;  // [ceil(P / 4) * 4, stride_]: the probes' digits, zero past dim
+  // Per probe (padded to whole blocks of 4): s = max |p| / screen_digit_max(D); the slack
+  // 128 * (sum |p - s r| + gamma(D) sum |p|), inflated for its own rounding (-inf for padding);
+  // VNNI: 128 * sum_d r_d (the keys enter the integer dot product as q + 128), else 0.
   std::vector<float> scale_, slack_;
   std::vector<int32_t> correction_;
 };
