@@ -12,7 +12,7 @@ import torch
 
 from . import report
 from .sizes import PRESETS, Sizes
-from .timing import compare, measure_bandwidth
+from .timing import ReadProbe, compare, measure_bandwidth
 
 NOTES = [
     "descend 'cached': the keys fit in the L3, so GB/s above the DRAM read bandwidth is expected.",
@@ -71,8 +71,9 @@ def run_ops(
     Returns:
         ``{"preset", "machine", "bandwidth", "bandwidth_end", "cases", "notes", "files"}``; each
         case has ``op``, ``params``, ``bytes``, ``kernel`` and ``reference`` stats (seconds),
-        ``speedup`` (+ ``speedup_min``/``speedup_max`` per round), ``kernel_gbps`` and
-        ``read_bw_fraction``, or ``error`` when the case failed.
+        ``speedup`` (+ ``speedup_min``/``speedup_max`` per round), ``kernel_gbps``, ``read_gbps``
+        (a read pass over a ``bandwidth_bytes`` buffer timed in the case's rounds) and
+        ``read_bw_fraction`` (kernel over that read bandwidth), or ``error`` when the case failed.
     """
     preset = sizes if isinstance(sizes, str) else "custom"
     s = PRESETS[sizes] if isinstance(sizes, str) else sizes
@@ -96,6 +97,9 @@ def _run(s: Sizes, preset: str, threads: int, out_dir, only, verbose: bool) -> d
     bandwidth = measure_bandwidth(s.bandwidth_bytes, **kw)
     _log(verbose, f"  read {bandwidth['read_gbps']:.1f} GB/s, copy {bandwidth['copy_gbps']:.1f} GB/s")
 
+    # Timed in every case's rounds: the % of read bandwidth compares the kernel with the
+    # bandwidth of the same minutes, not of the start or the end of the run.
+    read_probe = ReadProbe(s.bandwidth_bytes)
     cases = []
     for op, build in all_cases(s):
         if only and not any(op.startswith(o) for o in only):
@@ -106,8 +110,9 @@ def _run(s: Sizes, preset: str, threads: int, out_dir, only, verbose: bool) -> d
             case = build()
             entry.update(op=case.op, params=case.params, bytes=case.bytes)
             _log(verbose, f"{case.op}: {case.params} ...")
-            entry.update(compare(case.kernel, case.reference, **kw))
+            entry.update(compare(case.kernel, case.reference, read_probe=read_probe, **kw))
             entry["kernel_gbps"] = case.bytes / entry["kernel"]["median"] / 1e9
+            entry["read_bw_fraction"] = entry["kernel_gbps"] / entry["read_gbps"]
             entry["reference_gbps"] = case.bytes / entry["reference"]["median"] / 1e9
             _log(
                 verbose,
@@ -123,11 +128,8 @@ def _run(s: Sizes, preset: str, threads: int, out_dir, only, verbose: bool) -> d
         case = None
         gc.collect()
 
+    read_probe = None
     bandwidth_end = measure_bandwidth(s.bandwidth_bytes, **kw)
-    read_gbps = max(bandwidth["read_gbps"], bandwidth_end["read_gbps"])
-    for entry in cases:
-        if "error" not in entry:
-            entry["read_bw_fraction"] = entry["kernel_gbps"] / read_gbps
     results = {
         "preset": preset,
         "sizes": s.__dict__,

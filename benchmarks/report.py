@@ -117,8 +117,9 @@ def header_markdown(results: dict) -> str:
             "- times: median per call in ms (IQR/median in brackets); kernel = `backend='cpu'` "
             "(C++), reference = `backend='reference'` (eager PyTorch), timed in alternating rounds; "
             "speedup = reference median / kernel median (min-max of the per-round ratios); "
-            "GB/s = bytes the op must move / kernel median; % read BW = against the larger read "
-            "bandwidth."
+            "GB/s = bytes the op must move / kernel median; read GB/s = a read pass (sum) over "
+            f"a {bw['buffer_bytes'] / 2**20:,.0f} MiB buffer timed in the same rounds as the case; "
+            "% read BW = kernel GB/s / that read GB/s."
         ),
         "",
     ]
@@ -128,19 +129,22 @@ def header_markdown(results: dict) -> str:
 def table_markdown(cases: list[dict]) -> str:
     """One row per case."""
     rows = [
-        "| op | case | kernel ms | reference ms | speedup (round min-max) | bytes | kernel GB/s | % read BW |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        (
+            "| op | case | kernel ms | reference ms | speedup (round min-max) | bytes | kernel GB/s | read GB/s "
+            "| % read BW |"
+        ),
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in cases:
         if "error" in c:
-            rows.append(f"| {c['op']} | {c['params']} | error: {c['error']} | | | | | |")
+            rows.append(f"| {c['op']} | {c['params']} | error: {c['error']} | | | | | | |")
             continue
         k, r = c["kernel"], c["reference"]
         rows.append(
             f"| {c['op']} | {c['params']} "
             f"| {_ms(k['median'])} ({k['spread']:.0%}) | {_ms(r['median'])} ({r['spread']:.0%}) "
             f"| {c['speedup']:.1f}x ({c['speedup_min']:.1f}-{c['speedup_max']:.1f}) "
-            f"| {_size(c['bytes'])} | {c['kernel_gbps']:.1f} | {c['read_bw_fraction']:.0%} |"
+            f"| {_size(c['bytes'])} | {c['kernel_gbps']:.1f} | {c['read_gbps']:.1f} | {c['read_bw_fraction']:.0%} |"
         )
     return "\n".join(rows) + "\n"
 

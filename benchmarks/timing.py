@@ -100,15 +100,22 @@ def measure_interleaved(
     return stats, per_round
 
 
-def compare(kernel: Callable, reference: Callable, **kwargs) -> dict:
+def compare(kernel: Callable, reference: Callable, *, read_probe: ReadProbe | None = None, **kwargs) -> dict:
     """Kernel vs reference, interleaved: both stats, the speedup and its per-round range.
 
     ``speedup = median_reference / median_kernel``; ``speedup_min``/``speedup_max`` are the
-    smallest and largest ratio of the two blocks timed in the same round.
+    smallest and largest ratio of the two blocks timed in the same round. With ``read_probe``,
+    its read pass is timed in the same rounds too, and ``read_gbps`` is the read bandwidth
+    measured alongside the kernel (the machine's bandwidth drifts between cases).
     """
-    (k, r), (k_rounds, r_rounds) = measure_interleaved([kernel, reference], names=["kernel", "reference"], **kwargs)
+    fns, names = [kernel, reference], ["kernel", "reference"]
+    if read_probe is not None:
+        fns.append(read_probe)
+        names.append("read")
+    stats, rounds = measure_interleaved(fns, names=names, **kwargs)
+    (k, r), (k_rounds, r_rounds) = stats[:2], rounds[:2]
     ratios = [rt / kt for kt, rt in zip(k_rounds, r_rounds) if kt > 0]
-    return {
+    result = {
         "kernel": k.as_dict(),
         "reference": r.as_dict(),
         "speedup": r.median / k.median if k.median > 0 else float("nan"),
@@ -116,6 +123,21 @@ def compare(kernel: Callable, reference: Callable, **kwargs) -> dict:
         "speedup_max": max(ratios) if ratios else float("nan"),
         "speedup_round_median": statistics.median(ratios) if ratios else float("nan"),
     }
+    if read_probe is not None:
+        result["read"] = stats[2].as_dict()
+        result["read_gbps"] = read_probe.nbytes / stats[2].median / 1e9
+    return result
+
+
+class ReadProbe:
+    """One read pass (``sum``) over a float32 buffer of about ``n_bytes``: call it to time it."""
+
+    def __init__(self, n_bytes: int):
+        self.buffer = torch.rand(max(1, n_bytes // 4))
+        self.nbytes = self.buffer.nbytes
+
+    def __call__(self) -> torch.Tensor:
+        return self.buffer.sum()
 
 
 def measure_bandwidth(n_bytes: int, **kwargs) -> dict:
@@ -124,11 +146,11 @@ def measure_bandwidth(n_bytes: int, **kwargs) -> dict:
     Read: ``buf.sum()`` (one pass, full bandwidth on 2 threads here). Copy: ``dst.copy_(src)``
     counted as read + write bytes. The buffers should be far larger than the last-level cache.
     """
-    numel = max(1, n_bytes // 4)
-    src = torch.rand(numel)
+    read_probe = ReadProbe(n_bytes)
+    src = read_probe.buffer
     dst = torch.empty_like(src)
-    read_bytes = src.nbytes
-    (read, copy), _ = measure_interleaved([src.sum, lambda: dst.copy_(src)], names=["read", "copy"], **kwargs)
+    read_bytes = read_probe.nbytes
+    (read, copy), _ = measure_interleaved([read_probe, lambda: dst.copy_(src)], names=["read", "copy"], **kwargs)
     return {
         "buffer_bytes": read_bytes,
         "read_gbps": read_bytes / read.median / 1e9,
