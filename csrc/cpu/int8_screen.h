@@ -15,8 +15,8 @@
 //   offset to u8), four keys per call;
 // - AVX2: int16 digits, vpmaddwd on the keys sign-extended to int16 (16 multiply-adds per
 //   instruction), eight keys per call, their bounds computed in the eight float lanes. The
-//   digits carry 15 bits, so the bound is within a few 1e-5 of the score and the rows scored
-//   exactly are, nearly all, those that enter the top t.
+//   digits carry up to 15 bits, so the bound is tight: the rows scored exactly are nearly all
+//   those that enter the top t.
 // Elsewhere prepare() returns false and every row is scored exactly.
 #pragma once
 
