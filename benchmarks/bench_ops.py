@@ -128,7 +128,7 @@ def _run(s: Sizes, preset: str, threads: int, out_dir, only, verbose: bool) -> d
         case = None
         gc.collect()
 
-    read_probe = None
+    read_probe = None  # frees its buffer before the end pass allocates two
     bandwidth_end = measure_bandwidth(s.bandwidth_bytes, **kw)
     results = {
         "preset": preset,
