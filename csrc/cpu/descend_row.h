@@ -38,6 +38,11 @@ struct RowScratch {
   Int8Screen screen;        // int8 keys: the row's probes rounded to int8
 };
 
+// Whether parents[j] already appears in parents[0 .. j) (its children were offered already).
+inline bool repeats_earlier(const int64_t* parents, int64_t j) {
+  return std::find(parents, parents + j, parents[j]) != parents + j;
+}
+
 // top.push(score, id), rejecting first (without the call) the many candidates that cannot enter
 // a full top t; NaN is rejected too (never kept), and a tie goes to push, which breaks it by id.
 template <typename acc_t>
@@ -131,10 +136,7 @@ void descend_row(const LevelView<key_t, acc_t>& level, int64_t b, const int64_t*
   BlockPrefetcher prefetcher(level.keys, fanout * row_bytes, level.num_nodes * row_bytes, parents, num_parents);
   for (int64_t j = 0; j < num_parents; ++j) {
     const int64_t parent = parents[j];
-    if (parent < 0) continue;
-    bool repeated = false;
-    for (int64_t k = 0; skip_repeated && k < j && !repeated; ++k) repeated = parents[k] == parent;
-    if (repeated) continue;
+    if (parent < 0 || (skip_repeated && repeats_earlier(parents, j))) continue;
     if (level.scales != nullptr && j + 1 < num_parents && parents[j + 1] >= 0)  // the next block's first scales
       prefetch_row(level.scales + parents[j + 1] * fanout, std::min<int64_t>(fanout, 64) * int64_t(sizeof(float)));
     const int64_t first = parent * fanout;

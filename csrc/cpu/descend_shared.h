@@ -40,10 +40,7 @@ void descend_rows_shared(const LevelView<key_t, acc_t>& level, int64_t first_row
   for (int64_t r = 0; r < num_rows; ++r) {
     const int64_t* parents = parents_of(first_row + r);
     for (int64_t j = 0; j < num_parents; ++j) {
-      if (parents[j] < 0) continue;
-      bool repeated = false;
-      for (int64_t k = 0; skip_repeated && k < j && !repeated; ++k) repeated = parents[k] == parents[j];
-      if (!repeated) pairs.emplace_back(parents[j], r);
+      if (parents[j] >= 0 && !(skip_repeated && repeats_earlier(parents, j))) pairs.emplace_back(parents[j], r);
     }
   }
   std::sort(pairs.begin(), pairs.end());
