@@ -9,12 +9,9 @@
 #include <type_traits>
 #include <vector>
 
-#include "../common/probe_reduce.h"
-#include "../common/quantized.h"
 #include "../common/top_t.h"
+#include "child_scoring.h"
 #include "int8_screen.h"
-#include "prefetch_stream.h"
-#include "simd.h"
 
 namespace mllm::cpu {
 
@@ -61,31 +58,16 @@ void descend_row(const LevelView<key_t, acc_t>& level, int64_t b, const int64_t*
   constexpr bool kScreen = MLLM_INT8_SCREEN && std::is_same_v<key_t, int8_t> && std::is_same_v<acc_t, float>;
   const acc_t* probes = level.probes + b * level.num_probes * level.dim;
   const int64_t row_bytes = level.dim * int64_t(sizeof(key_t));
-  RunningTopT<acc_t> top(out_scores, out_ids, t);
-  std::vector<acc_t>& dots = scratch.dots;
   const int64_t num_probes = level.num_probes;
-  dots.resize(kMaxDotGroup * num_probes);
-  auto push = [&](acc_t* child_dots, int64_t child) {
-    if constexpr (std::is_same_v<key_t, int8_t>)
-      scale_dots(child_dots, num_probes, static_cast<acc_t>(level.scales[child]));
-    offer(top, reduce_probes(child_dots, num_probes, level.lse), child);
+  RunningTopT<acc_t> top(out_scores, out_ids, t);
+  auto push = [&](int64_t child, acc_t* child_dots) {
+    offer(top, child_score<key_t>(child_dots, num_probes, level.scales, child, level.lse), child);
   };
-  auto score_exactly = [&](int64_t child) {
-    multi_dot(probes, num_probes, level.dim, level.keys + child * level.dim, dots.data());
-    push(dots.data(), child);
-  };
-  // Children are scored kMaxDotGroup at a time (multi_dot_many shares each probe load between
-  // them); they wait here, and are pushed in child order.
-  int64_t waiting[kMaxDotGroup];
-  int num_waiting = 0;
-  auto score_waiting = [&]() {
-    multi_dot_keys(probes, num_probes, level.dim, level.keys, waiting, num_waiting, dots.data());
-    for (int i = 0; i < num_waiting; ++i) push(dots.data() + i * num_probes, waiting[i]);
-    num_waiting = 0;
-  };
-  auto score_in_groups = [&](int64_t child) {
-    waiting[num_waiting++] = child;
-    if (num_waiting == kMaxDotGroup) score_waiting();
+  GroupedDots scorer(level.keys, level.dim, scratch.dots, push);
+  scorer.use_probes(probes, num_probes);
+  auto score_exactly = [&](int64_t child) {  // only while no child waits in `scorer` (it shares the dots)
+    multi_dot(probes, num_probes, level.dim, level.keys + child * level.dim, scratch.dots.data());
+    push(child, scratch.dots.data());
   };
   // int8 screen: once the top t is full, candidates are bounded Int8Screen::kKeys at a time and
   // those whose bound is strictly below the t-th score (they cannot rank before it) are skipped.
@@ -134,29 +116,28 @@ void descend_row(const LevelView<key_t, acc_t>& level, int64_t b, const int64_t*
     num_pending = 0;
   };
   BlockPrefetcher prefetcher(level.keys, fanout * row_bytes, level.num_nodes * row_bytes, parents, num_parents);
+  auto on_child = [&](int64_t child) {
+    if constexpr (kScreen) {
+      if (screen_state == 0 && top.size == top.capacity)
+        screen_state = scratch.screen.prepare(probes, num_probes, level.dim) ? 1 : -1;
+      if (screen_state == 1) {
+        pending[num_pending++] = child;
+        if (num_pending == Int8Screen::kKeys) flush_pending();
+        return;
+      }
+    }
+    scorer.add(child);
+  };
   for (int64_t j = 0; j < num_parents; ++j) {
     const int64_t parent = parents[j];
     if (parent < 0 || (skip_repeated && repeats_earlier(parents, j))) continue;
     if (level.scales != nullptr && j + 1 < num_parents && parents[j + 1] >= 0)  // the next block's first scales
       prefetch_row(level.scales + parents[j + 1] * fanout, std::min<int64_t>(fanout, 64) * int64_t(sizeof(float)));
     const int64_t first = parent * fanout;
-    const int64_t last = first + std::min(fanout, level.num_nodes - first);
-    for (int64_t child = first; child < last; ++child) {
-      prefetcher.advance(row_bytes);
-      if (level.mask != nullptr && !level.mask[child]) continue;
-      if constexpr (kScreen) {
-        if (screen_state == 0 && top.size == top.capacity)
-          screen_state = scratch.screen.prepare(probes, level.num_probes, level.dim) ? 1 : -1;
-        if (screen_state == 1) {
-          pending[num_pending++] = child;
-          if (num_pending == Int8Screen::kKeys) flush_pending();
-          continue;
-        }
-      }
-      score_in_groups(child);
-    }
+    for_each_child(prefetcher, row_bytes, first, first + std::min(fanout, level.num_nodes - first), level.mask,
+                   on_child);
   }
-  if (num_waiting > 0) score_waiting();
+  scorer.flush();
   if constexpr (kScreen) {
     if (num_pending > 0) flush_pending();
     if (num_deferred > 0) flush_deferred();

@@ -55,9 +55,14 @@ void descend_rows_shared(const LevelView<key_t, acc_t>& level, int64_t first_row
     tops.emplace_back(out_scores + (first_row + r) * t, out_ids + (first_row + r) * t, t);
   BlockPrefetcher prefetcher(level.keys, fanout * row_bytes, level.num_nodes * row_bytes, block_parents.data(),
                              static_cast<int64_t>(block_parents.size()));
-  for (size_t begin = 0; begin < pairs.size();) {
+  size_t begin = 0, end = 0;  // the pairs of the parent being scored
+  auto offer_to_rows = [&](int64_t child, acc_t* child_dots) {
+    for (size_t q = begin; q < end; ++q, child_dots += num_probes)
+      offer(tops[pairs[q].second], reduce_probes(child_dots, num_probes, level.lse), child);
+  };
+  GroupedDots scorer(level.keys, dim, scratch.dots, offer_to_rows);
+  for (; begin < pairs.size(); begin = end) {
     const int64_t parent = pairs[begin].first;
-    size_t end = begin;
     while (end < pairs.size() && pairs[end].first == parent) ++end;
     const int64_t sharing = static_cast<int64_t>(end - begin);
     // The probes of the rows sharing this parent, contiguous (a single row's are used in place).
@@ -70,30 +75,11 @@ void descend_rows_shared(const LevelView<key_t, acc_t>& level, int64_t first_row
                     num_probes * dim * sizeof(acc_t));
       probes = scratch.probes.data();
     }
-    const int64_t rows_per_child = sharing * num_probes;
-    scratch.dots.resize(kMaxDotGroup * rows_per_child);
-    int64_t group[kMaxDotGroup];
-    int num_grouped = 0;
-    auto score_group = [&]() {
-      multi_dot_keys(probes, rows_per_child, dim, level.keys, group, num_grouped, scratch.dots.data());
-      for (int i = 0; i < num_grouped; ++i) {
-        const acc_t* child_dots = scratch.dots.data() + i * rows_per_child;
-        for (int64_t q = 0; q < sharing; ++q)
-          offer(tops[pairs[begin + q].second], reduce_probes(child_dots + q * num_probes, num_probes, level.lse),
-                group[i]);
-      }
-      num_grouped = 0;
-    };
+    scorer.use_probes(probes, sharing * num_probes);
     const int64_t first = parent * fanout;
-    const int64_t last = first + std::min(fanout, level.num_nodes - first);
-    for (int64_t child = first; child < last; ++child) {
-      prefetcher.advance(row_bytes);
-      if (level.mask != nullptr && !level.mask[child]) continue;
-      group[num_grouped++] = child;
-      if (num_grouped == kMaxDotGroup) score_group();
-    }
-    if (num_grouped > 0) score_group();
-    begin = end;
+    for_each_child(prefetcher, row_bytes, first, first + std::min(fanout, level.num_nodes - first), level.mask,
+                   [&](int64_t child) { scorer.add(child); });
+    scorer.flush();
   }
   for (RunningTopT<acc_t>& top : tops) top.finish();
 }

@@ -11,8 +11,8 @@
 #include "../checks.h"
 #include "../common/probe_reduce.h"
 #include "../common/quantized.h"
+#include "child_scoring.h"
 #include "kernels.h"
-#include "prefetch_stream.h"
 #include "simd.h"
 
 namespace mllm::cpu {
@@ -67,47 +67,36 @@ std::tuple<at::Tensor, at::Tensor> score_children(const at::Tensor& probes, cons
       const int64_t work = batch * num_parents;
       at::parallel_for(0, work, 1, [&](int64_t begin, int64_t end) {
         const int64_t row_bytes = dim * int64_t(sizeof(key_t));
-        std::vector<acc_t> dots(kMaxDotGroup * num_probes);
+        std::vector<acc_t> dots;
         BlockPrefetcher prefetcher(key_data, fanout * row_bytes, num_nodes * row_bytes, parent_data + begin,
                                    end - begin);
+        // The parent being scored: its output slots, and its first child (in slot 0).
+        acc_t* slot_scores = nullptr;
+        int64_t* slot_ids = nullptr;
+        int64_t first = 0;
+        auto set_slot = [&](int64_t child, acc_t score, int64_t id) {
+          slot_scores[child - first] = score;
+          slot_ids[child - first] = id;
+        };
+        auto store = [&](int64_t child, acc_t* child_dots) {
+          set_slot(child, child_score<key_t>(child_dots, num_probes, scale_data, child, lse), child);
+        };
+        auto empty_slot = [&](int64_t child) { set_slot(child, -INFINITY, -1); };
+        GroupedDots scorer(key_data, dim, dots, store);
         for (int64_t item = begin; item < end; ++item) {
           const int64_t b = item / num_parents, j = item % num_parents;
           const int64_t parent = parent_data[item];
           // Children [0, valid) of this parent exist; the rest of its slots are empty.
           const int64_t valid = parent < 0 ? 0 : std::min(fanout, num_nodes - parent * fanout);
-          acc_t* slot_scores = score_data + b * num_slots + j * fanout;
-          int64_t* slot_ids = id_data + b * num_slots + j * fanout;
-          const acc_t* row_probes = probe_data + b * num_probes * dim;
-          // Unmasked children (ids in `group`) are scored kMaxDotGroup at a time (one pass over the probes).
-          int64_t group[kMaxDotGroup];
-          int num_grouped = 0;
-          auto score_group = [&]() {
-            multi_dot_keys(row_probes, num_probes, dim, key_data, group, num_grouped, dots.data());
-            for (int i = 0; i < num_grouped; ++i) {
-              const int64_t child = group[i], slot = child - parent * fanout;
-              acc_t* child_dots = dots.data() + i * num_probes;
-              if constexpr (std::is_same_v<key_t, int8_t>)
-                scale_dots(child_dots, num_probes, static_cast<acc_t>(scale_data[child]));
-              slot_scores[slot] = reduce_probes(child_dots, num_probes, lse);
-              slot_ids[slot] = child;
-            }
-            num_grouped = 0;
-          };
-          for (int64_t k = 0; k < valid; ++k) {
-            prefetcher.advance(row_bytes);
-            if (mask_data != nullptr && !mask_data[parent * fanout + k]) {
-              slot_scores[k] = -INFINITY;
-              slot_ids[k] = -1;
-              continue;
-            }
-            group[num_grouped++] = parent * fanout + k;
-            if (num_grouped == kMaxDotGroup) score_group();
-          }
-          if (num_grouped > 0) score_group();
-          for (int64_t k = valid; k < fanout; ++k) {
-            slot_scores[k] = -INFINITY;
-            slot_ids[k] = -1;
-          }
+          first = parent * fanout;
+          slot_scores = score_data + b * num_slots + j * fanout;
+          slot_ids = id_data + b * num_slots + j * fanout;
+          scorer.use_probes(probe_data + b * num_probes * dim, num_probes);
+          for_each_child(
+              prefetcher, row_bytes, first, first + valid, mask_data, [&](int64_t child) { scorer.add(child); },
+              empty_slot);
+          scorer.flush();
+          for (int64_t child = first + valid; child < first + fanout; ++child) empty_slot(child);
         }
       });
     });

@@ -1,0 +1,90 @@
+// Scoring the children of parent blocks, shared by descend_row, descend_rows_shared and
+// score_children: the walk over one block's children (the prefetch stream and the mask), the
+// groups of children scored together, and a child's score from its dot products.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "../common/probe_reduce.h"
+#include "../common/quantized.h"
+#include "prefetch_stream.h"
+#include "simd.h"
+
+namespace mllm::cpu {
+
+// Walks the children [first, last) of one parent block in order, moving the prefetch stream on by
+// one row for each: on_child(child) gets those that `mask` (nullptr: all) keeps, on_masked(child)
+// the others.
+template <typename OnChild, typename OnMasked>
+inline void for_each_child(BlockPrefetcher& prefetcher, int64_t row_bytes, int64_t first, int64_t last,
+                           const bool* mask, OnChild&& on_child, OnMasked&& on_masked) {
+  for (int64_t child = first; child < last; ++child) {
+    prefetcher.advance(row_bytes);
+    if (mask != nullptr && !mask[child]) {
+      on_masked(child);
+    } else {
+      on_child(child);
+    }
+  }
+}
+
+// for_each_child for a walk that ignores the children the mask drops.
+template <typename OnChild>
+inline void for_each_child(BlockPrefetcher& prefetcher, int64_t row_bytes, int64_t first, int64_t last,
+                           const bool* mask, OnChild&& on_child) {
+  for_each_child(prefetcher, row_bytes, first, last, mask, on_child, [](int64_t) {});
+}
+
+// Children added here are scored kMaxDotGroup at a time against `num_rows` probe rows
+// (multi_dot_keys shares each probe load between them). on_scored(child, dots) then gets each
+// child's [num_rows] dot products, in the order the children were added; it may change them.
+template <typename key_t, typename acc_t, typename OnScored>
+class GroupedDots {
+ public:
+  // keys: [N, dim]; dots: scratch, sized by use_probes.
+  GroupedDots(const key_t* keys, int64_t dim, std::vector<acc_t>& dots, OnScored on_scored)
+      : keys_(keys), dim_(dim), dots_(dots), on_scored_(on_scored) {}
+
+  // The probe rows ([num_rows, dim], contiguous) that the children added next are scored
+  // against. Only when no child is waiting (before the first add, or after a flush).
+  void use_probes(const acc_t* probes, int64_t num_rows) {
+    probes_ = probes;
+    num_rows_ = num_rows;
+    dots_.resize(kMaxDotGroup * num_rows);
+  }
+
+  void add(int64_t child) {
+    group_[size_++] = child;
+    if (size_ == kMaxDotGroup) flush();
+  }
+
+  // Scores the children waiting, if any.
+  void flush() {
+    if (size_ == 0) return;
+    multi_dot_keys(probes_, num_rows_, dim_, keys_, group_, size_, dots_.data());
+    for (int i = 0; i < size_; ++i) on_scored_(group_[i], dots_.data() + i * num_rows_);
+    size_ = 0;
+  }
+
+ private:
+  const key_t* keys_;
+  int64_t dim_;
+  std::vector<acc_t>& dots_;
+  OnScored on_scored_;
+  const acc_t* probes_ = nullptr;
+  int64_t num_rows_ = 0;
+  int64_t group_[kMaxDotGroup];
+  int size_ = 0;
+};
+
+// A child's score from its [num_probes] raw dot products: the probe reduction, after scaling the
+// dots in place by the child's row scale for int8 keys (`scales`: [N]; unused otherwise).
+template <typename key_t, typename acc_t>
+inline acc_t child_score(acc_t* dots, int64_t num_probes, const float* scales, int64_t child, bool lse) {
+  if constexpr (std::is_same_v<key_t, int8_t>) scale_dots(dots, num_probes, static_cast<acc_t>(scales[child]));
+  return reduce_probes(dots, num_probes, lse);
+}
+
+}  // namespace mllm::cpu
