@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         "--noise-decay", type=float, default=None, help="within-cluster noise spectrum i^-x (default 0: isotropic)"
     )
     e2e.add_argument("--no-int8", action="store_true", help="skip the int8-keys rows of the tree")
-    e2e.add_argument("--layout", choices=["tree", "semantic"], default=None, help="leaf layout (default: tree)")
+    e2e.add_argument("--layout", choices=["sampled", "semantic"], default=None, help="leaf layout (default: sampled)")
     e2e.add_argument("--scratch", default=None, help="folder of the scratch file for large N (default: temp dir)")
     e2e.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     args = parser.parse_args(argv)

@@ -41,6 +41,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mllm.layout import sampled_semantic_order, semantic_order
+
 from . import report
 from .synthetic import (
     DataSpec,
@@ -48,7 +50,6 @@ from .synthetic import (
     float16_buffer,
     permute_rows,
     scratch_path,
-    tree_layout,
     upper_levels,
 )
 from .timing import measure_interleaved
@@ -77,7 +78,7 @@ class E2ESizes:
     hnsw_max_n: int = 1_000_000  # HNSW builds take minutes per 1e6 on 2 cores; skipped above
     float32_copy_max_bytes: int = 6 << 30  # larger: faiss flat stores float16 (IndexScalarQuantizer)
     memmap_min_bytes: int = 2 << 30  # larger unpermuted leaves live in a scratch file, not in RAM
-    layout: str = "tree"  # "tree": benchmarks.synthetic.tree_layout; "semantic": mllm.layout
+    layout: str = "sampled"  # mllm.layout: "sampled": sampled_semantic_order; "semantic": semantic_order
     int8: bool = True  # also int8 keys (key_scales) at main_t
     # timing (see measure_interleaved)
     min_rounds: int = 3
@@ -357,10 +358,8 @@ def _matched(methods: list[Method]) -> list[dict]:
 
 def _layout(x: torch.Tensor, s: E2ESizes) -> torch.Tensor:
     if s.layout == "semantic":
-        from mllm.layout import semantic_order
-
         return semantic_order(x, FANOUT)
-    return tree_layout(x, FANOUT)
+    return sampled_semantic_order(x, FANOUT)
 
 
 def run_size(n: int, s: E2ESizes, *, threads: int, faiss, scratch: str | None, verbose: bool) -> dict:
@@ -908,8 +907,8 @@ def run_e2e(
         threads: torch and faiss threads (default: torch's current setting); restored afterwards.
         out_dir: where the files go; None writes nothing.
         use_faiss: False skips the FAISS columns (as when faiss is not installed).
-        layout: ``"tree"`` (default, scales to 1e7) or ``"semantic"`` (``mllm.layout.semantic_order``,
-            minutes at 1e6).
+        layout: ``"sampled"`` (default: ``mllm.layout.sampled_semantic_order``, scales to 1e7) or
+            ``"semantic"`` (``mllm.layout.semantic_order``, minutes at 1e6).
         scratch: directory of the scratch file holding large unpermuted leaves (default: the
             system's temporary directory).
         int8: also time the tree on int8 keys.

@@ -1,15 +1,12 @@
-"""Synthetic data of the end-to-end benchmark: clustered unit vectors, a tree layout that scales
-to 1e7 leaves, and the upper levels of an untrained tree.
+"""Synthetic data of the end-to-end benchmark: clustered unit vectors, their leaves permuted into
+the memory's semantic layout (``mllm.layout.sampled_semantic_order``, which scales to 1e7 leaves),
+and the upper levels of an untrained tree.
 
 * :func:`clustered_vectors`: ``n`` points ``normalise(centre + noise)`` around a fixed set of
   cluster centres grouped in topics (:class:`DataSpec`), generated block by block straight into a float16 ``[n, d]`` tensor (which
   may be backed by a file, see :func:`float16_buffer`), so 1e7 x 384 needs 7.7 GB and no float32
   copy.
-* :func:`tree_layout`: the permutation that puts the leaves in semantic layout: top-down balanced
-  k-means aligned to the implicit tree, like :func:`mllm.layout.semantic_order`, but with the
-  centroids fitted on a sample of each group and the points read in bounded float32 chunks, so it
-  runs on 1e7 x 384 float16 leaves in minutes and a few GB (``semantic_order`` normalises a float32
-  copy of all leaves and refines every split on all points: about 30 s for 262,144 leaves here).
+* :func:`permute_rows`: ``x[perm]`` gathered block by block.
 * :func:`upper_levels`: the levels above the leaves, each node the normalised mean of its
   ``fanout`` children (what an untrained memory holds), float16.
 """
@@ -19,17 +16,13 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mllm.layout import _caps  # group sizes, the same cut as the memory's own layout
-
-# Float32 bytes of leaf rows converted at once (bounds the working memory of the layout and of
-# the level means).
+# Float32 bytes of leaf rows converted at once (bounds the working memory of the level means).
 _CHUNK_BYTES = 256 << 20
 
 
@@ -134,189 +127,6 @@ def scratch_path(directory: str | None, stem: str) -> str:
     fd, path = tempfile.mkstemp(prefix=f"mllm_e2e_{stem}_", suffix=".npy", dir=directory)
     os.close(fd)
     return path
-
-
-# ---------------------------------------------------------------------------------------------
-# Layout
-
-
-class _Rows:
-    """Float32 rows of ``x`` gathered into reused buffers: a fresh multi-MB tensor per chunk costs
-    more in page faults than the copy itself on the virtual machines this runs on."""
-
-    def __init__(self, x: torch.Tensor):
-        self.x = x
-        self.half = torch.empty(0, dtype=x.dtype)
-        self.full = torch.empty(0)
-
-    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
-        """``x[idx]`` as float32 ``[*idx.shape, D]``; valid until the next call."""
-        count, d = idx.numel(), self.x.shape[1]
-        if self.full.numel() < count * d:
-            self.half = torch.empty(count * d, dtype=self.x.dtype)
-            self.full = torch.empty(count * d)
-        half = self.half[: count * d].view(count, d)
-        torch.index_select(self.x, 0, idx.reshape(-1), out=half)
-        return self.full[: count * d].view(*idx.shape, d).copy_(half.view(*idx.shape, d))
-
-
-def _farthest_first(sample: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
-    """``[G, k, D]`` seeds: a random first point, then each the sample point least similar to the
-    seeds so far (on a random 64-dim projection), so well separated clusters each get one."""
-    g, _, d = sample.shape
-    proj = F.normalize(sample @ torch.randn(d, min(d, 64), generator=gen), dim=2) if d > 64 else sample
-    picks = [torch.zeros(g, dtype=torch.int64)]
-    best = torch.bmm(proj, proj[:, :1].transpose(1, 2))[..., 0]
-    for _ in range(1, k):
-        picks.append(best.argmin(1))
-        seed = proj.gather(1, picks[-1][:, None, None].expand(g, 1, proj.shape[2]))
-        best = torch.maximum(best, torch.bmm(proj, seed.transpose(1, 2))[..., 0])
-    chosen = torch.stack(picks, 1)
-    return sample.gather(1, chosen[..., None].expand(g, k, d))
-
-
-def _label_sums(pts: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
-    """Per-group sums of the points of every label, float32 ``[G, k, D]`` (a one-hot batched
-    matmul: far faster than ``index_add_`` here)."""
-    g, m, _ = pts.shape
-    onehot = torch.zeros(g, k, m).scatter_(1, labels[:, None, :], 1.0)
-    return torch.bmm(onehot, pts)
-
-
-def balanced_assign(scores: torch.Tensor, caps: torch.Tensor) -> torch.Tensor:
-    """Labels ``[G, n]`` with exactly ``caps[j]`` points on label ``j`` in every group, from
-    ``scores [G, n, k]`` (higher is better; overwritten).
-
-    Rounds of proposals: every unplaced point proposes to its best open label, and a label accepts
-    the proposals with the largest margin over the point's second-best open label, up to its
-    remaining capacity. Each round places every proposer or fills a label: at most ``k`` rounds.
-    """
-    g, n, k = scores.shape
-    labels = torch.empty(g * n, dtype=torch.int64)
-    if k == 1:
-        return labels.zero_().view(g, n)
-    remaining = caps.repeat(g)
-    free = torch.arange(g * n)
-    s = scores.view(g * n, k)
-    for _ in range(k):
-        top = s.topk(2, dim=1)
-        margin = top.values[:, 0] - top.values[:, 1]
-        key = (free // n) * k + top.indices[:, 0]
-        del top
-        # By label, then by margin, largest first: one sort of label + (1 - margin / 4) in
-        # float64 (cosine margins lie in [0, 2]; a point with a single open label gets +inf).
-        composite = key.double().add_(1.0 - margin.double().clamp_(0.0, 2.0).div_(4.0))
-        order = torch.sort(composite, stable=True).indices
-        del composite
-        keys = key[order]
-        counts = torch.bincount(keys, minlength=g * k)
-        rank = torch.arange(keys.numel()) - (counts.cumsum(0) - counts)[keys]
-        ok = rank < remaining[keys]
-        labels[free[order[ok]]] = keys[ok] % k
-        remaining -= torch.bincount(keys[ok], minlength=g * k)
-        left = order[~ok]
-        if left.numel() == 0:
-            break
-        free, s = free[left], s[left]
-        s.masked_fill_((remaining == 0).view(g, k)[free // n], float("-inf"))
-    return labels.view(g, n)
-
-
-def _split(rows: _Rows, idx, child, gen, sample_per_label, iters, refine) -> torch.Tensor:
-    """Reorder every row of ``idx`` (``[G, n]`` leaf ids) into consecutive clusters of ``child``
-    leaves (the last may hold fewer); returns the reordered ``[G, n]``."""
-    g, n = idx.shape
-    caps = _caps(n, child)
-    k = caps.numel()
-    if k == 1:
-        return idx
-    d = rows.x.shape[1]
-    chunk = max(1, _CHUNK_BYTES // (4 * d * g))  # rows per group read at once
-    # Centroids: farthest-first seeds and Lloyd iterations on a sample of each group.
-    m = min(n, k * sample_per_label)
-    pick = torch.rand(g, n, generator=gen).argsort(1)[:, :m] if m < n else None
-    sample = rows(idx if pick is None else idx.gather(1, pick)).clone()
-    cent = _farthest_first(sample, k, gen)
-    for _ in range(iters):
-        sums = _label_sums(sample, torch.bmm(sample, cent.transpose(1, 2)).argmax(2), k)
-        empty = sums.norm(dim=2, keepdim=True) == 0  # a seed that lost all its points stays put
-        cent = torch.where(empty, cent, F.normalize(sums, dim=2))
-    del sample
-    scores = torch.empty(g, n, k)
-    for step in range(refine + 1):
-        for start in range(0, n, chunk):
-            pts = rows(idx[:, start : start + chunk])
-            torch.bmm(pts, cent.transpose(1, 2), out=scores[:, start : start + chunk])
-        if caps[-1] < caps[0]:
-            # The small (ragged) capacity goes to the centroid fewest points prefer, so that no
-            # natural cluster is squeezed into it and split for good.
-            key = scores.argmax(2) + torch.arange(g)[:, None] * k
-            popular = torch.bincount(key.reshape(-1), minlength=g * k).view(g, k).argsort(1, descending=True)
-            cent = cent.gather(1, popular[..., None].expand(g, k, d))
-            scores = scores.gather(2, popular[:, None, :].expand(g, n, k))
-        order = torch.sort(balanced_assign(scores, caps), dim=1, stable=True).indices
-        idx = idx.gather(1, order)  # now label j holds positions [j * child, (j + 1) * child)
-        if step < refine:  # centroids of the balanced clusters, then assign again
-            sums = torch.zeros(g, k, d)
-            for start in range(0, n, chunk):
-                pts = rows(idx[:, start : start + chunk])
-                stop = start + pts.shape[1]
-                for label in range(start // child, (stop - 1) // child + 1):
-                    a, b = max(start, label * child), min(stop, (label + 1) * child)
-                    sums[:, label] += pts[:, a - start : b - start].sum(1)
-            cent = F.normalize(sums, dim=2)
-    return idx
-
-
-def tree_layout(
-    x: torch.Tensor,
-    fanout: int,
-    *,
-    seed: int = 0,
-    sample_per_label: int = 8,
-    iters: int = 8,
-    refine: int = 3,
-    coarse_refine: int | None = None,
-    log=None,
-) -> torch.Tensor:
-    """The permutation (int64 ``[N]``) that puts the rows of ``x`` (float ``[N, D]``, unit rows)
-    in semantic layout for the implicit tree of ``fanout``.
-
-    Top down, every subtree of capacity ``S`` (a power of ``fanout``) is cut into consecutive
-    clusters of exactly ``S / fanout`` leaves (only the right-most may hold fewer), so cluster
-    boundaries fall on node boundaries at every level, as in :func:`mllm.layout.semantic_order`.
-    A cut fits cosine centroids by k-means on ``sample_per_label`` points per cluster (``iters``
-    Lloyd steps from farthest-first seeds), then assigns all points with exact capacities, and
-    ``refine`` times re-centres on the balanced clusters and assigns again. Deterministic for a
-    given ``seed``. Working memory: the scores ``[n, fanout]`` of the largest group (4 bytes each)
-    and its balanced assignment, plus ~512 MB of rows.
-    """
-    n = x.shape[0]
-    perm = torch.arange(n, dtype=torch.int64)
-    if n <= fanout:
-        return perm
-    gen = torch.Generator().manual_seed(seed)
-    rows = _Rows(x)
-    size = fanout
-    while size < n:
-        size *= fanout
-    while size > fanout:
-        started = time.perf_counter()
-        child = size // fanout
-        passes = refine if child == fanout or coarse_refine is None else coarse_refine
-        n_full, rest = divmod(n, size)
-        per_batch = max(1, _CHUNK_BYTES // (size * 4 * fanout))  # bounds the [G, size, k] scores
-        for first in range(0, n_full, per_batch):
-            last = min(n_full, first + per_batch)
-            head = perm[first * size : last * size].view(last - first, size)
-            perm[first * size : last * size] = _split(rows, head, child, gen, sample_per_label, iters, passes).flatten()
-        if rest > child:
-            tail = perm[n_full * size :].view(1, rest)
-            perm[n_full * size :] = _split(rows, tail, child, gen, sample_per_label, iters, passes).flatten()
-        if log is not None:
-            log(f"    layout: subtrees of {size:,} -> {child:,} leaves, {time.perf_counter() - started:.1f} s")
-        size = child
-    return perm
 
 
 def permute_rows(x: torch.Tensor, perm: torch.Tensor, block: int = 1 << 16) -> torch.Tensor:

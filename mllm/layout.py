@@ -4,7 +4,8 @@ The tree has no learned partition: the children of node i of a level are nodes
 ``[i*fanout, min((i+1)*fanout, N))`` of the level below. So the order of the leaves decides what
 every parent summarises. ``semantic_order`` puts similar leaves under one parent, similar parents
 under one grandparent and so on, which makes untrained parents (e.g. the mean of their children)
-meaningful; ``sequential_order`` keeps insertion order.
+meaningful; ``sequential_order`` keeps insertion order. ``sampled_semantic_order`` is the same
+layout for millions of leaves: centroids fitted on samples, the leaves read in bounded chunks.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import torch.nn.functional as F
 _MAX_ATOMS = 256
 # Dimensions of the random projection that seeding runs in.
 _SEED_DIM = 64
+# Float32 bytes of leaf rows that sampled_semantic_order converts at once, and of its scores.
+_CHUNK_BYTES = 256 << 20
 
 
 def sequential_order(n: int) -> torch.Tensor:
@@ -37,17 +40,7 @@ def semantic_order(embeddings: torch.Tensor, fanout: int, *, seed: int = 0, iter
     of ``S / fanout**2`` first, then packed whole into ``fanout`` groups). ``iters``: refinement
     iterations per split. Deterministic for a given ``seed``; ~0.3 s for 10k x 384 on one core.
     """
-    if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2:
-        got = tuple(embeddings.shape) if isinstance(embeddings, torch.Tensor) else type(embeddings).__name__
-        raise ValueError(f"semantic_order: embeddings must be a 2-D tensor [N, D], got {got}")
-    if not embeddings.is_floating_point():
-        raise ValueError(f"semantic_order: embeddings must be floating point, got {embeddings.dtype}")
-    if not bool(torch.isfinite(embeddings).all()):
-        raise ValueError("semantic_order: embeddings must be finite (no NaN or inf)")
-    if isinstance(fanout, bool) or not isinstance(fanout, int) or fanout < 2:
-        raise ValueError(f"semantic_order: fanout must be an int >= 2, got {fanout!r}")
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
-        raise ValueError(f"semantic_order: iters must be a non-negative int, got {iters!r}")
+    _check_arguments("semantic_order", embeddings, fanout, iters=iters)
     n = embeddings.shape[0]
     perm = torch.arange(n, dtype=torch.int64, device=embeddings.device)
     if n <= fanout:  # one parent: the order under it does not matter
@@ -78,6 +71,88 @@ def semantic_order(embeddings: torch.Tensor, fanout: int, *, seed: int = 0, iter
     return perm
 
 
+def sampled_semantic_order(
+    embeddings: torch.Tensor,
+    fanout: int,
+    *,
+    seed: int = 0,
+    sample_per_label: int = 8,
+    iters: int = 8,
+    refine: int = 3,
+    coarse_refine: int | None = None,
+) -> torch.Tensor:
+    """``semantic_order`` for millions of leaves: returns ``perm`` (int64 ``[N]``, a permutation of
+    ``range(N)``) such that ``embeddings[perm]`` is in semantic layout.
+
+    ``embeddings``: finite floating ``[N, D]`` on the CPU (float16 keeps 1e7 x 384 in 7.7 GB),
+    compared by cosine similarity. As in ``semantic_order``, every subtree of capacity ``S`` (a
+    power of ``fanout``) is cut top down into consecutive clusters of exactly ``S / fanout`` leaves
+    (only the right-most may hold fewer), so cluster boundaries fall on node boundaries at every
+    level. But a cut fits its centroids on ``sample_per_label`` sampled points per cluster
+    (``iters`` Lloyd steps from farthest-first seeds), assigns all points with exact capacities,
+    and ``refine`` times (``coarse_refine`` for cuts above the parents of the leaves, when given)
+    re-centres on the balanced clusters and assigns again. The leaves are read in float32 chunks
+    of at most 256 MB, and one level is cut at a time, never two: a natural cluster smaller than
+    the children of a cut may be split between them (``semantic_order`` keeps those whole where
+    it can). Working memory: the float32
+    scores ``[n, fanout]`` of at most 256 MB of subtrees and their assignment, plus ~512 MB of
+    rows. Deterministic for a given ``seed``.
+    """
+    _check_arguments(
+        "sampled_semantic_order", embeddings, fanout, iters=iters, refine=refine, coarse_refine=coarse_refine
+    )
+    if embeddings.device.type != "cpu":
+        raise ValueError(f"sampled_semantic_order: embeddings must be on the CPU, got {embeddings.device}")
+    if isinstance(sample_per_label, bool) or not isinstance(sample_per_label, int) or sample_per_label < 1:
+        raise ValueError(f"sampled_semantic_order: sample_per_label must be an int >= 1, got {sample_per_label!r}")
+    n = embeddings.shape[0]
+    perm = torch.arange(n, dtype=torch.int64)
+    if n <= fanout:
+        return perm
+    gen = torch.Generator().manual_seed(seed)
+    rows = _Rows(embeddings.detach())
+    size = fanout
+    while size < n:
+        size *= fanout
+    while size > fanout:
+        child = size // fanout
+        passes = refine if child == fanout or coarse_refine is None else coarse_refine
+        n_full, rest = divmod(n, size)
+        per_batch = max(1, _CHUNK_BYTES // (size * 4 * fanout))  # bounds the [G, size, k] scores
+        for first in range(0, n_full, per_batch):
+            last = min(n_full, first + per_batch)
+            head = perm[first * size : last * size].view(last - first, size)
+            perm[first * size : last * size] = _split_sampled(
+                rows, head, child, gen, sample_per_label, iters, passes
+            ).flatten()
+        if rest > child:
+            tail = perm[n_full * size :].view(1, rest)
+            perm[n_full * size :] = _split_sampled(rows, tail, child, gen, sample_per_label, iters, passes).flatten()
+        size = child
+    return perm
+
+
+def _check_arguments(op: str, embeddings, fanout, *, rows_per_check: int = 1 << 16, **counts) -> None:
+    """The checks every layout makes: ``embeddings`` a finite floating ``[N, D]`` tensor (checked
+    ``rows_per_check`` rows at a time, so a large one needs no full-size mask), ``fanout`` an
+    int >= 2, and each of ``counts`` a non-negative int (None allowed for ``coarse_refine``)."""
+    if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2:
+        got = tuple(embeddings.shape) if isinstance(embeddings, torch.Tensor) else type(embeddings).__name__
+        raise ValueError(f"{op}: embeddings must be a 2-D tensor [N, D], got {got}")
+    if not embeddings.is_floating_point():
+        raise ValueError(f"{op}: embeddings must be floating point, got {embeddings.dtype}")
+    for start in range(0, embeddings.shape[0], rows_per_check):
+        if not bool(torch.isfinite(embeddings[start : start + rows_per_check]).all()):
+            raise ValueError(f"{op}: embeddings must be finite (no NaN or inf)")
+    if isinstance(fanout, bool) or not isinstance(fanout, int) or fanout < 2:
+        raise ValueError(f"{op}: fanout must be an int >= 2, got {fanout!r}")
+    for name, value in counts.items():
+        if value is None and name == "coarse_refine":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{op}: {name} must be a non-negative int, got {value!r}")
+
+
 def _caps(n: int, size: int) -> torch.Tensor:
     """Sizes (int64 ``[ceil(n / size)]``) of ``n`` items cut into groups of ``size``, last ragged."""
     k = -(-n // size)
@@ -105,12 +180,17 @@ def _split(x: torch.Tensor, idx: torch.Tensor, child: int, atom, gen, iters: int
     return idx.gather(1, torch.sort(rank.gather(1, labels), dim=1, stable=True).indices)
 
 
+def _sums(pts: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Cluster sums, float32 ``[G, k, D]``, of ``pts`` ``[G, n, D]`` by ``labels`` (int64 ``[G, n]``
+    in ``[0, k)``): a batched matmul with the one-hot labels, far faster than ``index_add_``."""
+    g, n, _ = pts.shape
+    onehot = torch.zeros(g, k, n, device=pts.device).scatter_(1, labels[:, None, :], 1.0)
+    return torch.bmm(onehot, pts)
+
+
 def _means(pts: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
     """Normalised cluster means, float32 ``[G, k, D]``, of ``pts`` ``[G, n, D]`` by ``labels``."""
-    g, _, d = pts.shape
-    key = (labels + torch.arange(g, device=pts.device)[:, None] * k).flatten()
-    sums = torch.zeros(g * k, d, device=pts.device).index_add_(0, key, pts.reshape(-1, d))
-    return F.normalize(sums, dim=1).view(g, k, d)
+    return F.normalize(_sums(pts, labels, k), dim=2)
 
 
 def _cluster(pts: torch.Tensor, caps: torch.Tensor, gen, iters: int) -> torch.Tensor:
@@ -199,3 +279,68 @@ def _assign(scores: torch.Tensor, caps: torch.Tensor) -> torch.Tensor:
         free, s = free.index_select(0, left), s.index_select(0, left)
         s.masked_fill_((rem == 0).view(g, k).index_select(0, free // n), float("-inf"))
     return labels.view(g, n)
+
+
+class _Rows:
+    """Unit float32 rows of ``x`` gathered into reused buffers: a fresh multi-MB tensor per chunk
+    costs more in page faults than the copy itself on small virtual machines."""
+
+    def __init__(self, x: torch.Tensor):
+        self.x = x
+        self.gathered = torch.empty(0, dtype=x.dtype)
+        self.full = torch.empty(0)
+
+    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
+        """``normalise(x[idx])`` as float32 ``[*idx.shape, D]``; valid until the next call."""
+        count, d = idx.numel(), self.x.shape[1]
+        if self.full.numel() < count * d:
+            self.gathered = torch.empty(count * d, dtype=self.x.dtype)
+            self.full = torch.empty(count * d)
+        gathered = self.gathered[: count * d].view(count, d)
+        torch.index_select(self.x, 0, idx.reshape(-1), out=gathered)
+        full = self.full[: count * d].view(count, d).copy_(gathered)
+        full.div_(full.norm(dim=1, keepdim=True).clamp_min_(1e-12))
+        return full.view(*idx.shape, d)
+
+
+def _split_sampled(rows: _Rows, idx, child, gen, sample_per_label, iters, refine) -> torch.Tensor:
+    """Reorder every row of ``idx`` (``[G, n]`` leaf ids) into consecutive clusters of ``child``
+    leaves (the last may hold fewer), with centroids fitted on a sample; returns ``[G, n]``."""
+    g, n = idx.shape
+    caps = _caps(n, child)
+    k = caps.numel()
+    if k == 1:
+        return idx
+    d = rows.x.shape[1]
+    chunk = max(1, _CHUNK_BYTES // (4 * d * g))  # rows per group read at once
+    m = min(n, k * sample_per_label)
+    pick = torch.rand(g, n, generator=gen).argsort(1)[:, :m] if m < n else None
+    sample = rows(idx if pick is None else idx.gather(1, pick)).clone()
+    cent = _seeds(sample, k, gen)
+    for _ in range(iters):
+        sums = _sums(sample, torch.bmm(sample, cent.transpose(1, 2)).argmax(2), k)
+        empty = sums.norm(dim=2, keepdim=True) == 0  # a seed that lost all its points stays put
+        cent = torch.where(empty, cent, F.normalize(sums, dim=2))
+    del sample
+    scores = torch.empty(g, n, k)
+    for step in range(refine + 1):
+        for start in range(0, n, chunk):
+            torch.bmm(rows(idx[:, start : start + chunk]), cent.transpose(1, 2), out=scores[:, start : start + chunk])
+        if caps[-1] < caps[0]:
+            # The small (ragged) capacity goes to the centroid fewest points prefer, as in _cluster.
+            key = scores.argmax(2) + torch.arange(g)[:, None] * k
+            popular = torch.bincount(key.reshape(-1), minlength=g * k).view(g, k).argsort(1, descending=True)
+            cent = cent.gather(1, popular[..., None].expand(g, k, d))
+            scores = scores.gather(2, popular[:, None, :].expand(g, n, k))
+        order = torch.sort(_assign(scores, caps), dim=1, stable=True).indices
+        idx = idx.gather(1, order)  # now label j holds positions [j * child, (j + 1) * child)
+        if step < refine:  # centroids of the balanced clusters, then assign again
+            sums = torch.zeros(g, k, d)
+            for start in range(0, n, chunk):
+                pts = rows(idx[:, start : start + chunk])
+                stop = start + pts.shape[1]
+                for label in range(start // child, (stop - 1) // child + 1):
+                    a, b = max(start, label * child), min(stop, (label + 1) * child)
+                    sums[:, label] += pts[:, a - start : b - start].sum(1)
+            cent = F.normalize(sums, dim=2)
+    return idx

@@ -1,5 +1,6 @@
 """The end-to-end benchmark (``python -m benchmarks e2e``): its smoke run, the large-N code path at a
-tiny size, and the pieces the numbers rest on (layout alignment, levels, exact search, matching)."""
+tiny size, and the pieces the numbers rest on (levels, exact search, matching); the layout is tested in
+test_layout.py."""
 
 from __future__ import annotations
 
@@ -90,35 +91,6 @@ def test_no_faiss_skips_the_columns(tmp_path):
     s = replace(e2e.SMOKE, sweep_t=(2,), main_t=(2,))
     entry = e2e.run_size(1_000, s, threads=1, faiss=None, scratch=None, verbose=False)
     assert [m["family"] for m in entry["methods"] if m["family"] != "tree int8"] == ["tree", "flat"]
-
-
-def test_tree_layout_aligns_clusters_to_parents():
-    """8 well separated clusters of 64 points each, shuffled: every parent must get one whole cluster."""
-    gen = torch.Generator().manual_seed(0)
-    d, fanout = 32, 64
-    centres = F.normalize(torch.randn(8, d, generator=gen), dim=1)
-    labels = torch.arange(8).repeat_interleave(fanout)[torch.randperm(8 * fanout, generator=gen)]
-    x = F.normalize(centres[labels] + 0.05 * torch.randn(8 * fanout, d, generator=gen), dim=1).half()
-    perm = synthetic.tree_layout(x, fanout)
-    assert torch.equal(torch.sort(perm).values, torch.arange(x.shape[0]))
-    groups = labels[perm].view(8, fanout)
-    assert (groups == groups[:, :1]).all() and groups[:, 0].unique().numel() == 8
-
-
-def test_tree_layout_ragged_sizes_are_permutations():
-    x = synthetic.clustered_vectors(synthetic.DataSpec(d=16, clusters=5), 4_200, stream=0)
-    for fanout in (4, 16, 64):
-        perm = synthetic.tree_layout(x, fanout)
-        assert torch.equal(torch.sort(perm).values, torch.arange(4_200))
-
-
-def test_balanced_assign_meets_capacities_exactly():
-    gen = torch.Generator().manual_seed(1)
-    scores = torch.randn(3, 100, 7, generator=gen)
-    caps = synthetic._caps(100, 16)  # 6 x 16 + 4
-    labels = synthetic.balanced_assign(scores.clone(), caps)
-    for row in labels:
-        assert torch.equal(torch.bincount(row, minlength=7), caps)
 
 
 def test_upper_levels_are_normalised_child_means():

@@ -1,6 +1,7 @@
-"""Leaf layouts (mllm.layout): semantic_order is a permutation, deterministic, aligned to the
-implicit tree (children of node i are nodes [i*fanout, (i+1)*fanout) of the level below) and
-groups similar leaves under one parent, which is what makes untrained mean-pooled parents useful.
+"""Leaf layouts (mllm.layout): semantic_order and sampled_semantic_order are permutations,
+deterministic, aligned to the implicit tree (children of node i are nodes [i*fanout, (i+1)*fanout)
+of the level below) and group similar leaves under one parent, which is what makes untrained
+mean-pooled parents useful.
 """
 
 import math
@@ -9,7 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mllm.layout import semantic_order, sequential_order
+from mllm.layout import _assign, _caps, sampled_semantic_order, semantic_order, sequential_order
+
+# Every semantic layout must pass the tests that take `order`. Whole small clusters under one
+# parent at every level (test_clusters_become_sibling_groups, test_ragged_tree_stays_aligned)
+# need semantic_order's two-level cuts; sampled_semantic_order cuts one level at a time.
+SEMANTIC_ORDERS = pytest.mark.parametrize("order", [semantic_order, sampled_semantic_order], ids=["exact", "sampled"])
 
 
 def _clustered(sizes, dim, noise, seed):
@@ -39,19 +45,22 @@ def _assert_permutation(perm, n):
 
 @pytest.mark.parametrize("fanout", [2, 3, 4, 16])
 @pytest.mark.parametrize("n", [0, 1, 2, 3, 15, 16, 17, 64, 65, 100, 257, 1000])
-def test_permutation(n, fanout):
+@SEMANTIC_ORDERS
+def test_permutation(order, n, fanout):
     x = torch.randn(n, 8, generator=torch.Generator().manual_seed(n * 31 + fanout))
-    _assert_permutation(semantic_order(x, fanout), n)
+    _assert_permutation(order(x, fanout), n)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
-def test_permutation_dtypes(dtype):
+@SEMANTIC_ORDERS
+def test_permutation_dtypes(order, dtype):
     x = torch.randn(300, 16, generator=torch.Generator().manual_seed(1)).to(dtype)
-    _assert_permutation(semantic_order(x, 4), 300)
+    _assert_permutation(order(x, 4), 300)
 
 
 @pytest.mark.parametrize("fanout", [2, 4, 16])
-def test_degenerate_inputs(fanout):
+@SEMANTIC_ORDERS
+def test_degenerate_inputs(order, fanout):
     """Duplicates (all equal, or two distinct vectors repeated) and zero vectors."""
     g = torch.Generator().manual_seed(2)
     same = torch.ones(500, 8)
@@ -59,15 +68,16 @@ def test_degenerate_inputs(fanout):
     zeros = torch.randn(500, 8, generator=g)
     zeros[::3] = 0
     for x in (same, two, zeros, torch.zeros(500, 8)):
-        _assert_permutation(semantic_order(x, fanout), 500)
+        _assert_permutation(order(x, fanout), 500)
 
 
-def test_deterministic():
+@SEMANTIC_ORDERS
+def test_deterministic(order):
     x, _ = _clustered(torch.randint(1, 40, (50,), generator=torch.Generator().manual_seed(3)), 32, 0.5, 3)
-    a = semantic_order(x, 8, seed=7)
-    assert torch.equal(a, semantic_order(x.clone(), 8, seed=7))
-    _assert_permutation(semantic_order(x, 8, seed=8), len(x))
-    _assert_permutation(semantic_order(x, 8, iters=0), len(x))
+    a = order(x, 8, seed=7)
+    assert torch.equal(a, order(x.clone(), 8, seed=7))
+    _assert_permutation(order(x, 8, seed=8), len(x))
+    _assert_permutation(order(x, 8, iters=0), len(x))
 
 
 def test_sequential_order():
@@ -92,9 +102,45 @@ def test_sequential_order():
         ((torch.randn(10, 4), 4), {"iters": -1}, "iters"),
     ],
 )
-def test_invalid_arguments(args, kwargs, match):
+@SEMANTIC_ORDERS
+def test_invalid_arguments(order, args, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        semantic_order(*args, **kwargs)
+        order(*args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"sample_per_label": 0}, "sample_per_label"),
+        ({"sample_per_label": 2.0}, "sample_per_label"),
+        ({"refine": -1}, "refine"),
+        ({"coarse_refine": -1}, "coarse_refine"),
+        ({"coarse_refine": True}, "coarse_refine"),
+    ],
+)
+def test_sampled_invalid_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sampled_semantic_order(torch.randn(10, 4), 4, **kwargs)
+
+
+def test_sampled_float16_clusters_fill_whole_parents():
+    """8 separated clusters of 64 float16 points (fanout 64), shuffled, with the sampled fit
+    (8 points per cluster): every parent gets one whole cluster."""
+    gen = torch.Generator().manual_seed(0)
+    centres = F.normalize(torch.randn(8, 32, generator=gen), dim=1)
+    labels = torch.arange(8).repeat_interleave(64)[torch.randperm(8 * 64, generator=gen)]
+    x = F.normalize(centres[labels] + 0.05 * torch.randn(8 * 64, 32, generator=gen), dim=1).half()
+    perm = sampled_semantic_order(x, 64, coarse_refine=0)
+    _assert_permutation(perm, len(x))
+    groups = labels[perm].view(8, 64)
+    assert (groups == groups[:, :1]).all() and groups[:, 0].unique().numel() == 8
+
+
+def test_balanced_assignment_meets_capacities_exactly():
+    scores = torch.randn(3, 100, 7, generator=torch.Generator().manual_seed(1))
+    caps = _caps(100, 16)  # 6 x 16 + 4
+    for row in _assign(scores, caps):
+        assert torch.equal(torch.bincount(row, minlength=7), caps)
 
 
 @pytest.mark.parametrize("dim", [64, 128])  # 128 > the seeding projection's 64 dimensions
@@ -106,10 +152,11 @@ def test_clusters_become_sibling_groups(dim, seed):
     assert (groups == groups[:, :1]).all(1).float().mean().item() == 1.0
 
 
-def test_sibling_similarity_on_uneven_clusters():
+@SEMANTIC_ORDERS
+def test_sibling_similarity_on_uneven_clusters(order):
     sizes = torch.randint(1, 60, (150,), generator=torch.Generator().manual_seed(4))
     x, _ = _clustered(sizes, 48, 0.8, 4)
-    semantic = _sibling_similarity(x, semantic_order(x, 8), 8)
+    semantic = _sibling_similarity(x, order(x, 8), 8)
     sequential = _sibling_similarity(x, sequential_order(len(x)), 8)
     shuffled = _sibling_similarity(x, torch.randperm(len(x), generator=torch.Generator().manual_seed(5)), 8)
     assert semantic > 0.3
@@ -161,14 +208,15 @@ def _tree_search_recall(x, perm, queries, fanout, beam, k):
     return hits / (len(q) * k)
 
 
-def test_tree_search_recall():
+@SEMANTIC_ORDERS
+def test_tree_search_recall(order):
     """On shuffled clustered data a narrow beam finds the true neighbours with the semantic
     layout, and mostly misses them with the sequential one."""
     g = torch.Generator().manual_seed(9)
     centres = torch.randn(20, 32, generator=g).repeat_interleave(10, 0) + 0.7 * torch.randn(200, 32, generator=g)
     x = centres[torch.randint(0, 200, (4000,), generator=g)] + 0.5 * torch.randn(4000, 32, generator=g)
     queries = centres[torch.randint(0, 200, (40,), generator=g)] + 0.5 * torch.randn(40, 32, generator=g)
-    semantic = _tree_search_recall(x, semantic_order(x, 8), queries, 8, 4, 10)
+    semantic = _tree_search_recall(x, order(x, 8), queries, 8, 4, 10)
     sequential = _tree_search_recall(x, sequential_order(len(x)), queries, 8, 4, 10)
     assert semantic > 0.8
     assert semantic > sequential + 0.5
