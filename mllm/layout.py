@@ -40,7 +40,9 @@ def semantic_order(embeddings: torch.Tensor, fanout: int, *, seed: int = 0, iter
     of ``S / fanout**2`` first, then packed whole into ``fanout`` groups). ``iters``: refinement
     iterations per split. Deterministic for a given ``seed``; ~0.3 s for 10k x 384 on one core.
     """
-    _check_arguments("semantic_order", embeddings, fanout, iters=iters)
+    _check_embeddings("semantic_order", embeddings)
+    _check_int("semantic_order", "fanout", fanout, 2)
+    _check_int("semantic_order", "iters", iters, 0)
     n = embeddings.shape[0]
     perm = torch.arange(n, dtype=torch.int64, device=embeddings.device)
     if n <= fanout:  # one parent: the order under it does not matter
@@ -94,17 +96,19 @@ def sampled_semantic_order(
     re-centres on the balanced clusters and assigns again. The leaves are read in float32 chunks
     of at most 256 MB, and one level is cut at a time, never two: a natural cluster smaller than
     the children of a cut may be split between them (``semantic_order`` keeps those whole where
-    it can). Working memory: the float32
-    scores ``[n, fanout]`` of at most 256 MB of subtrees and their assignment, plus ~512 MB of
-    rows. Deterministic for a given ``seed``.
+    it can). Working memory: the float32 scores ``[n, fanout]`` of at most 256 MB of subtrees and
+    their assignment, plus ~512 MB of rows. Deterministic for a given ``seed``.
     """
-    _check_arguments(
-        "sampled_semantic_order", embeddings, fanout, iters=iters, refine=refine, coarse_refine=coarse_refine
-    )
+    op = "sampled_semantic_order"
+    _check_embeddings(op, embeddings)
     if embeddings.device.type != "cpu":
-        raise ValueError(f"sampled_semantic_order: embeddings must be on the CPU, got {embeddings.device}")
-    if isinstance(sample_per_label, bool) or not isinstance(sample_per_label, int) or sample_per_label < 1:
-        raise ValueError(f"sampled_semantic_order: sample_per_label must be an int >= 1, got {sample_per_label!r}")
+        raise ValueError(f"{op}: embeddings must be on the CPU, got {embeddings.device}")
+    _check_int(op, "fanout", fanout, 2)
+    _check_int(op, "sample_per_label", sample_per_label, 1)
+    _check_int(op, "iters", iters, 0)
+    _check_int(op, "refine", refine, 0)
+    if coarse_refine is not None:
+        _check_int(op, "coarse_refine", coarse_refine, 0)
     n = embeddings.shape[0]
     perm = torch.arange(n, dtype=torch.int64)
     if n <= fanout:
@@ -132,25 +136,22 @@ def sampled_semantic_order(
     return perm
 
 
-def _check_arguments(op: str, embeddings, fanout, *, rows_per_check: int = 1 << 16, **counts) -> None:
-    """The checks every layout makes: ``embeddings`` a finite floating ``[N, D]`` tensor (checked
-    ``rows_per_check`` rows at a time, so a large one needs no full-size mask), ``fanout`` an
-    int >= 2, and each of ``counts`` a non-negative int (None allowed for ``coarse_refine``)."""
+def _check_embeddings(op: str, embeddings) -> None:
+    """``embeddings`` must be a finite floating ``[N, D]`` tensor (checked 65,536 rows at a time,
+    so that a large one needs no full-size mask)."""
     if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2:
         got = tuple(embeddings.shape) if isinstance(embeddings, torch.Tensor) else type(embeddings).__name__
         raise ValueError(f"{op}: embeddings must be a 2-D tensor [N, D], got {got}")
     if not embeddings.is_floating_point():
         raise ValueError(f"{op}: embeddings must be floating point, got {embeddings.dtype}")
-    for start in range(0, embeddings.shape[0], rows_per_check):
-        if not bool(torch.isfinite(embeddings[start : start + rows_per_check]).all()):
+    for start in range(0, embeddings.shape[0], 1 << 16):
+        if not bool(torch.isfinite(embeddings[start : start + (1 << 16)]).all()):
             raise ValueError(f"{op}: embeddings must be finite (no NaN or inf)")
-    if isinstance(fanout, bool) or not isinstance(fanout, int) or fanout < 2:
-        raise ValueError(f"{op}: fanout must be an int >= 2, got {fanout!r}")
-    for name, value in counts.items():
-        if value is None and name == "coarse_refine":
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{op}: {name} must be a non-negative int, got {value!r}")
+
+
+def _check_int(op: str, name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{op}: {name} must be an int >= {minimum}, got {value!r}")
 
 
 def _caps(n: int, size: int) -> torch.Tensor:
