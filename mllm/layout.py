@@ -100,9 +100,9 @@ def sampled_semantic_order(
     their assignment, plus ~512 MB of rows. Deterministic for a given ``seed``.
     """
     op = "sampled_semantic_order"
-    _check_embeddings(op, embeddings)
-    if embeddings.device.type != "cpu":
+    if isinstance(embeddings, torch.Tensor) and embeddings.device.type != "cpu":
         raise ValueError(f"{op}: embeddings must be on the CPU, got {embeddings.device}")
+    _check_embeddings(op, embeddings)
     _check_int(op, "fanout", fanout, 2)
     _check_int(op, "sample_per_label", sample_per_label, 1)
     _check_int(op, "iters", iters, 0)

@@ -123,6 +123,11 @@ def test_sampled_invalid_arguments(kwargs, match):
         sampled_semantic_order(torch.randn(10, 4), 4, **kwargs)
 
 
+def test_sampled_needs_cpu_embeddings():
+    with pytest.raises(ValueError, match="embeddings must be on the CPU"):
+        sampled_semantic_order(torch.empty(10, 4, device="meta"), 4)
+
+
 def test_sampled_float16_clusters_fill_whole_parents():
     """8 separated clusters of 64 float16 points (fanout 64), shuffled, with the sampled fit
     (8 points per cluster): every parent gets one whole cluster."""
