@@ -208,18 +208,24 @@ def _cluster(pts: torch.Tensor, caps: torch.Tensor, gen, iters: int) -> torch.Te
     for it in range(iters + 1):
         scores = torch.bmm(pts, cent.transpose(1, 2))  # [G, n, k] cosine similarities
         if ragged:
-            # Give the small capacity to the centroid that attracts fewest points; else a whole
-            # natural cluster squeezed into it stays split between two labels for good.
-            key = scores.argmax(2) + torch.arange(g, device=pts.device)[:, None] * k
-            counts = torch.bincount(key.flatten(), minlength=g * k).view(g, k)
-            order = counts.argsort(dim=1, descending=True, stable=True)
-            scores = scores.gather(2, order[:, None, :].expand(g, n, k))
+            scores = scores.gather(2, _most_preferred_first(scores)[:, None, :].expand(g, n, k))
         new = _assign(scores, caps.to(pts.device))
         if it == iters or (labels is not None and torch.equal(new, labels)):
             break
         labels = new
         cent = _means(pts, labels, k)
     return new
+
+
+def _most_preferred_first(scores: torch.Tensor) -> torch.Tensor:
+    """The ``k`` clusters of each group (int64 ``[G, k]``), ordered by how many points of ``scores``
+    (``[G, n, k]``) prefer them, most first, ties in index order. Where the last capacity is the
+    small (ragged) one, reordering the clusters so gives it to the centroid fewest points prefer;
+    else a whole natural cluster squeezed into it stays split between two labels for good."""
+    g, _, k = scores.shape
+    key = scores.argmax(2) + torch.arange(g, device=scores.device)[:, None] * k
+    counts = torch.bincount(key.flatten(), minlength=g * k).view(g, k)
+    return counts.argsort(dim=1, descending=True, stable=True)
 
 
 def _seeds(pts: torch.Tensor, k: int, gen) -> torch.Tensor:
@@ -328,11 +334,9 @@ def _split_sampled(rows: _Rows, idx, child, gen, sample_per_label, iters, refine
         for start in range(0, n, chunk):
             torch.bmm(rows(idx[:, start : start + chunk]), cent.transpose(1, 2), out=scores[:, start : start + chunk])
         if caps[-1] < caps[0]:
-            # The small (ragged) capacity goes to the centroid fewest points prefer, as in _cluster.
-            key = scores.argmax(2) + torch.arange(g)[:, None] * k
-            popular = torch.bincount(key.reshape(-1), minlength=g * k).view(g, k).argsort(1, descending=True)
-            cent = cent.gather(1, popular[..., None].expand(g, k, d))
-            scores = scores.gather(2, popular[:, None, :].expand(g, n, k))
+            order = _most_preferred_first(scores)
+            cent = cent.gather(1, order[..., None].expand(g, k, d))
+            scores = scores.gather(2, order[:, None, :].expand(g, n, k))
         order = torch.sort(_assign(scores, caps), dim=1, stable=True).indices
         idx = idx.gather(1, order)  # now label j holds positions [j * child, (j + 1) * child)
         if step < refine:  # centroids of the balanced clusters, then assign again
