@@ -135,10 +135,20 @@ def test_sampled_float16_clusters_fill_whole_parents():
     centres = F.normalize(torch.randn(8, 32, generator=gen), dim=1)
     labels = torch.arange(8).repeat_interleave(64)[torch.randperm(8 * 64, generator=gen)]
     x = F.normalize(centres[labels] + 0.05 * torch.randn(8 * 64, 32, generator=gen), dim=1).half()
-    perm = sampled_semantic_order(x, 64, coarse_refine=0)
+    perm = sampled_semantic_order(x, 64)
     _assert_permutation(perm, len(x))
     groups = labels[perm].view(8, 64)
     assert (groups == groups[:, :1]).all() and groups[:, 0].unique().numel() == 8
+
+
+@pytest.mark.parametrize("fanout", [4, 16, 64])
+def test_sampled_ragged_sizes_are_permutations(fanout):
+    """4,200 float16 leaves, ragged at every level for these fanouts, with the default refinement
+    and with none above the parents of the leaves (coarse_refine=0)."""
+    x, _ = _clustered([70] * 60, 16, 0.5, 10)
+    x = x.half()
+    _assert_permutation(sampled_semantic_order(x, fanout), 4_200)
+    _assert_permutation(sampled_semantic_order(x, fanout, coarse_refine=0), 4_200)
 
 
 def test_balanced_assignment_meets_capacities_exactly():
