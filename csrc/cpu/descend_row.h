@@ -1,7 +1,7 @@
 // The fused descent of one query row: stream each candidate child's key once, score it against
 // all probes, and keep a running top-t in the output row. No score matrix is materialised.
-// int8 keys (float32 compute) go through the int8 screen once the top t is full: a row whose
-// score bound cannot beat the t-th best is skipped without being scored (int8_screen.h).
+// int8 keys (float32 compute) go through the int8 screen (int8_screen.h): every child is bounded,
+// and only those whose bounds leave them a chance are scored exactly.
 #pragma once
 
 #include <algorithm>
@@ -32,7 +32,14 @@ struct LevelView {
 template <typename acc_t>
 struct RowScratch {
   std::vector<acc_t> dots;  // [kMaxDotGroup, P] the probe scores of a group of children
-  Int8Screen screen;        // int8 keys: the row's probes rounded to int8
+  Int8Screen screen;        // int8 keys: the row's probes rounded to integer digits
+  struct Candidate {
+    float upper;  // the child's score bound (+inf: none known)
+    int64_t child;
+  };
+  std::vector<Candidate> candidates;  // int8 keys: the children the screen could not rule out
+  std::vector<float> lower_scores;    // [t] int8 keys: the t best lower bounds of the screened children
+  std::vector<int64_t> lower_ids;     // [t]
 };
 
 // Whether parents[j] already appears in parents[0 .. j) (its children were offered already).
@@ -48,6 +55,98 @@ inline void offer(RunningTopT<acc_t>& top, acc_t score, int64_t id) {
   top.push(score, id);
 }
 
+// Calls on_block(prefetcher, first, last) for the children [first, last) of each parent in
+// `parents`, with the key stream (`prefetcher`, which the caller moves on by one row per child)
+// and the next block's int8 scales prefetched; -1 parents are empty, and with `skip_repeated` a
+// parent repeated in the row is walked once.
+template <typename key_t, typename acc_t, typename OnBlock>
+inline void for_each_block(const LevelView<key_t, acc_t>& level, const int64_t* parents, int64_t num_parents,
+                           int64_t fanout, bool skip_repeated, OnBlock&& on_block) {
+  const int64_t row_bytes = level.dim * int64_t(sizeof(key_t));
+  BlockPrefetcher prefetcher(level.keys, fanout * row_bytes, level.num_nodes * row_bytes, parents, num_parents);
+  for (int64_t j = 0; j < num_parents; ++j) {
+    const int64_t parent = parents[j];
+    if (parent < 0 || (skip_repeated && repeats_earlier(parents, j))) continue;
+    if (level.scales != nullptr && j + 1 < num_parents && parents[j + 1] >= 0)  // the next block's first scales
+      prefetch_row(level.scales + parents[j + 1] * fanout, std::min<int64_t>(fanout, 64) * int64_t(sizeof(float)));
+    const int64_t first = parent * fanout;
+    on_block(prefetcher, first, first + std::min(fanout, level.num_nodes - first));
+  }
+}
+
+// descend_row for int8 keys through the screen (after scratch.screen.prepare() succeeded).
+//
+// Every child is bounded from above and below, Int8Screen::kKeys at a time, from one integer dot
+// product per probe. The t best lower bounds so far (of distinct children) give a threshold: a
+// child whose upper bound is below it is beaten by t children, and is dropped. Only the children
+// left at the end are scored exactly (best bound first, until the bound is below the t-th exact
+// score): with tight bounds, a few more than t per row. The result is that of scoring every
+// child exactly.
+inline void descend_row_screened(const LevelView<int8_t, float>& level, const float* probes, const int64_t* parents,
+                                 int64_t num_parents, int64_t fanout, bool skip_repeated, int64_t t,
+                                 float* out_scores, int64_t* out_ids, RowScratch<float>& scratch) {
+  using Candidate = RowScratch<float>::Candidate;
+  std::vector<Candidate>& candidates = scratch.candidates;
+  candidates.clear();
+  scratch.lower_scores.resize(t);
+  scratch.lower_ids.resize(t);
+  RunningTopT<float> lower(scratch.lower_scores.data(), scratch.lower_ids.data(), t);
+  auto threshold = [&]() { return lower.size == lower.capacity ? lower.scores[t - 1] : -INFINITY; };
+  // Candidates are pruned against the threshold when they reach `prune_at`; the limit doubles
+  // when a pruning keeps more than half (many near ties), so that pruning costs O(1) per child.
+  size_t prune_at = 64;
+  auto prune = [&]() {
+    const float at_least = threshold();
+    candidates.erase(std::remove_if(candidates.begin(), candidates.end(),
+                                    [&](const Candidate& c) { return c.upper < at_least; }),
+                     candidates.end());
+  };
+  constexpr int kKeys = Int8Screen::kKeys;
+  // The children [first, first + count) of one block, count <= kKeys; bit j of `live`: child
+  // first + j is not masked.
+  auto screen_group = [&](int64_t first, int count, unsigned live) {
+    const int8_t* rows[kKeys];
+    float short_scales[kKeys], upper[kKeys], low[kKeys];
+    for (int j = 0; j < kKeys; ++j) rows[j] = level.keys + (first + std::min(j, count - 1)) * level.dim;
+    const float* scales = level.scales + first;
+    if (count < kKeys) {  // a short group repeats its last child
+      for (int j = 0; j < kKeys; ++j) short_scales[j] = scales[std::min(j, count - 1)];
+      scales = short_scales;
+    }
+    unsigned keep = scratch.screen.survivors(rows, scales, level.lse, threshold(), upper, low) & live;
+    for (; keep != 0; keep &= keep - 1) {
+      const int j = __builtin_ctz(keep);
+      candidates.push_back({upper[j] == upper[j] ? upper[j] : INFINITY, first + j});
+      offer(lower, low[j], first + j);  // NaN (no bound) is never kept
+    }
+    if (candidates.size() >= prune_at) {
+      prune();
+      if (candidates.size() > prune_at / 2) prune_at *= 2;
+    }
+  };
+  for_each_block(level, parents, num_parents, fanout, skip_repeated,
+                 [&](BlockPrefetcher& prefetcher, int64_t first, int64_t last) {
+                   for (int64_t group = first; group < last; group += kKeys) {
+                     const int count = static_cast<int>(std::min<int64_t>(kKeys, last - group));
+                     prefetcher.advance(count * level.dim);
+                     unsigned live = (1u << count) - 1;
+                     if (level.mask != nullptr)
+                       for (int j = 0; j < count; ++j) live &= ~(unsigned(!level.mask[group + j]) << j);
+                     if (live != 0) screen_group(group, count, live);
+                   }
+                 });
+  prune();
+  std::sort(candidates.begin(), candidates.end(),
+            [](const Candidate& a, const Candidate& b) { return a.upper > b.upper; });
+  RunningTopT<float> top(out_scores, out_ids, t);
+  for (const Candidate& c : candidates) {
+    if (top.size == top.capacity && c.upper < top.scores[t - 1]) break;  // this and the rest cannot rank
+    multi_dot(probes, level.num_probes, level.dim, level.keys + c.child * level.dim, scratch.dots.data());
+    offer(top, child_score<int8_t>(scratch.dots.data(), level.num_probes, level.scales, c.child, level.lse), c.child);
+  }
+  top.finish();
+}
+
 // Selects the top `t` children of the `num_parents` ids in `parents` for query `b`; -1 parents
 // are empty. With `skip_repeated`, a parent id repeated in the row is skipped so that each child
 // counts once (callers whose parents are unique by construction pass false).
@@ -55,93 +154,26 @@ template <typename key_t, typename acc_t>
 void descend_row(const LevelView<key_t, acc_t>& level, int64_t b, const int64_t* parents, int64_t num_parents,
                  int64_t fanout, bool skip_repeated, int64_t t, acc_t* out_scores, int64_t* out_ids,
                  RowScratch<acc_t>& scratch) {
-  constexpr bool kScreen = MLLM_INT8_SCREEN && std::is_same_v<key_t, int8_t> && std::is_same_v<acc_t, float>;
   const acc_t* probes = level.probes + b * level.num_probes * level.dim;
-  const int64_t row_bytes = level.dim * int64_t(sizeof(key_t));
-  const int64_t num_probes = level.num_probes;
+  scratch.dots.resize(kMaxDotGroup * level.num_probes);
+  if constexpr (MLLM_INT8_SCREEN && std::is_same_v<key_t, int8_t> && std::is_same_v<acc_t, float>) {
+    if (scratch.screen.prepare(probes, level.num_probes, level.dim))
+      return descend_row_screened(level, probes, parents, num_parents, fanout, skip_repeated, t, out_scores, out_ids,
+                                  scratch);
+  }
   RunningTopT<acc_t> top(out_scores, out_ids, t);
   auto push = [&](int64_t child, acc_t* child_dots) {
-    offer(top, child_score<key_t>(child_dots, num_probes, level.scales, child, level.lse), child);
+    offer(top, child_score<key_t>(child_dots, level.num_probes, level.scales, child, level.lse), child);
   };
   GroupedDots scorer(level.keys, level.dim, scratch.dots, push);
-  scorer.use_probes(probes, num_probes);
-  auto score_exactly = [&](int64_t child) {  // only while no child waits in `scorer` (it shares the dots)
-    multi_dot(probes, num_probes, level.dim, level.keys + child * level.dim, scratch.dots.data());
-    push(child, scratch.dots.data());
-  };
-  // int8 screen: once the top t is full, candidates are bounded Int8Screen::kKeys at a time and
-  // those whose bound is strictly below the t-th score (they cannot rank before it) are skipped.
-  // The others wait in `deferred`, and are scored best bound first: each exact score raises the
-  // t-th score, so most of them end up skipped too.
-  int screen_state = 0;  // 0: not prepared (the top t is not full yet), 1: screening, -1: off
-  int64_t pending[Int8Screen::kKeys];
-  int num_pending = 0;
-  struct Deferred {
-    float bound;
-    int64_t child;
-  };
-  constexpr int kDeferred = 64;
-  Deferred deferred[kScreen ? kDeferred : 1];
-  int num_deferred = 0;
-  auto flush_deferred = [&]() {
-    // Best bound first, until the best left is below the t-th score (a few picks, no full sort).
-    while (num_deferred > 0) {
-      int best = 0;
-      for (int i = 1; i < num_deferred; ++i) best = deferred[i].bound > deferred[best].bound ? i : best;
-      if (deferred[best].bound < float(top.scores[top.capacity - 1])) break;
-      score_exactly(deferred[best].child);
-      deferred[best] = deferred[--num_deferred];
-    }
-    num_deferred = 0;
-  };
-  auto flush_pending = [&]() {
-    const int8_t* rows[Int8Screen::kKeys];
-    float row_scales[Int8Screen::kKeys], bounds[Int8Screen::kKeys];
-    for (int j = 0; j < Int8Screen::kKeys; ++j) {
-      const int64_t child = pending[std::min(j, num_pending - 1)];  // a short group repeats its last
-      rows[j] = reinterpret_cast<const int8_t*>(level.keys + child * level.dim);
-      row_scales[j] = level.scales[child];
-    }
-    const unsigned keep =
-        scratch.screen.survivors(rows, row_scales, level.lse, float(top.scores[top.capacity - 1]), bounds);
-    for (int j = 0; j < num_pending; ++j) {
-      if (!(keep >> j & 1u)) continue;
-      if (bounds[j] != bounds[j]) {  // no bound: score it now
-        score_exactly(pending[j]);
-        continue;
-      }
-      deferred[num_deferred++] = {bounds[j], pending[j]};
-      if (num_deferred == kDeferred) flush_deferred();
-    }
-    num_pending = 0;
-  };
-  BlockPrefetcher prefetcher(level.keys, fanout * row_bytes, level.num_nodes * row_bytes, parents, num_parents);
-  auto on_child = [&](int64_t child) {
-    if constexpr (kScreen) {
-      if (screen_state == 0 && top.size == top.capacity)
-        screen_state = scratch.screen.prepare(probes, num_probes, level.dim) ? 1 : -1;
-      if (screen_state == 1) {
-        pending[num_pending++] = child;
-        if (num_pending == Int8Screen::kKeys) flush_pending();
-        return;
-      }
-    }
-    scorer.add(child);
-  };
-  for (int64_t j = 0; j < num_parents; ++j) {
-    const int64_t parent = parents[j];
-    if (parent < 0 || (skip_repeated && repeats_earlier(parents, j))) continue;
-    if (level.scales != nullptr && j + 1 < num_parents && parents[j + 1] >= 0)  // the next block's first scales
-      prefetch_row(level.scales + parents[j + 1] * fanout, std::min<int64_t>(fanout, 64) * int64_t(sizeof(float)));
-    const int64_t first = parent * fanout;
-    for_each_child(prefetcher, row_bytes, first, first + std::min(fanout, level.num_nodes - first), level.mask,
-                   on_child);
-  }
+  scorer.use_probes(probes, level.num_probes);
+  const int64_t row_bytes = level.dim * int64_t(sizeof(key_t));
+  for_each_block(level, parents, num_parents, fanout, skip_repeated,
+                 [&](BlockPrefetcher& prefetcher, int64_t first, int64_t last) {
+                   for_each_child(prefetcher, row_bytes, first, last, level.mask,
+                                  [&](int64_t child) { scorer.add(child); });
+                 });
   scorer.flush();
-  if constexpr (kScreen) {
-    if (num_pending > 0) flush_pending();
-    if (num_deferred > 0) flush_deferred();
-  }
   top.finish();
 }
 

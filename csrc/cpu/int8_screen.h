@@ -336,16 +336,17 @@ class Int8Screen {
 
   // Which of the int8 rows keys[j] (scales[j]), j < kKeys, might score at least `threshold` in
   // descend_row's float32 arithmetic (max or logsumexp over the probes): bit j is clear only when
-  // the row's score is certainly below it. bounds[j] gets the row's upper bound (NaN when none is
-  // known: rows with a non-finite scale, which are always kept). Only after a successful
-  // prepare().
-  unsigned survivors(const int8_t* const* keys, const float* scales, bool lse, float threshold,
-                     float* bounds) const {
+  // the row's score is certainly below it. bounds[j] and lower[j] get bounds of the row's score
+  // from above and below (NaN when none is known: rows with a non-finite scale, which are always
+  // kept). Only after a successful prepare().
+  unsigned survivors(const int8_t* const* keys, const float* scales, bool lse, float threshold, float* bounds,
+                     float* lower) const {
 #if MLLM_INT8_SCREEN == MLLM_SCREEN_VNNI
     // Lane 4 j + r: key j, probe r of a block of 4. Per key, the largest s_r <r, q> + slack_r
     // (pos) and -s_r <r, q> + slack_r (neg) over the probes: its bound is k * pos for a scale
     // k >= 0, |k| * neg otherwise. float32, with margins for its roundings (see below).
     __m512 pos = _mm512_set1_ps(-INFINITY), neg = _mm512_set1_ps(-INFINITY);
+    __m512 pos_lower = _mm512_set1_ps(-INFINITY), neg_lower = _mm512_set1_ps(-INFINITY);
     alignas(64) int32_t sums[16];
     for (int64_t p0 = 0; p0 < num_probes_; p0 += 4) {
       probe_block_dots(keys, p0, sums);
@@ -359,6 +360,16 @@ class Int8Screen {
       const __m512 margin = _mm512_mul_ps(_mm512_add_ps(_mm512_abs_ps(a), slack), _mm512_set1_ps(0x1p-20f));
       pos = detail::max_ps(pos, _mm512_add_ps(_mm512_add_ps(slack, a), margin));
       neg = detail::max_ps(neg, _mm512_add_ps(_mm512_sub_ps(slack, a), margin));
+      // The lower bounds' padding lanes need -inf from a - slack: their slack becomes +inf.
+      const __m512 lower_slack =
+          _mm512_mask_blend_ps(_mm512_cmp_ps_mask(slack, _mm512_set1_ps(-INFINITY), _CMP_EQ_OQ), slack,
+                               _mm512_set1_ps(INFINITY));
+      const __m512 lower_margin =
+          _mm512_mul_ps(_mm512_add_ps(_mm512_abs_ps(a), lower_slack), _mm512_set1_ps(0x1p-20f));
+      pos_lower = detail::max_ps(pos_lower, _mm512_sub_ps(_mm512_sub_ps(a, lower_slack), lower_margin));
+      neg_lower = detail::max_ps(neg_lower,
+                                 _mm512_sub_ps(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_add_ps(a, lower_slack)),
+                                               lower_margin));
     }
     // Every lane of a key's 128-bit group gets the group's maximum.
     auto group_max = [](__m512 v) {
@@ -371,23 +382,31 @@ class Int8Screen {
     const __mmask16 negative = _mm512_cmp_ps_mask(k, _mm512_setzero_ps(), _CMP_LT_OQ);
     __m512 bound = _mm512_mul_ps(abs_k, _mm512_mask_blend_ps(negative, group_max(pos), group_max(neg)));
     bound = _mm512_fmadd_ps(_mm512_abs_ps(bound), _mm512_set1_ps(float(kScoreBoundRelative)), bound);
+    __m512 low = _mm512_mul_ps(abs_k, _mm512_mask_blend_ps(negative, group_max(pos_lower), group_max(neg_lower)));
+    low = _mm512_fnmadd_ps(_mm512_abs_ps(low), _mm512_set1_ps(float(kScoreBoundRelative)), low);
     if (lse) {
       bound = _mm512_add_ps(bound, _mm512_set1_ps(log_num_probes_));
       bound = _mm512_add_ps(_mm512_fmadd_ps(_mm512_abs_ps(bound), _mm512_set1_ps(float(kLseBoundRelative)), bound),
                             _mm512_set1_ps(float(kLseBoundAbsolute)));
     }
     // No bound for a non-finite scale; kept: not (bound < threshold), NaN included.
-    bound = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(abs_k, _mm512_set1_ps(INFINITY), _CMP_NLT_UQ), bound,
-                                 _mm512_set1_ps(NAN));
+    const __mmask16 unbounded = _mm512_cmp_ps_mask(abs_k, _mm512_set1_ps(INFINITY), _CMP_NLT_UQ);
+    bound = _mm512_mask_blend_ps(unbounded, bound, _mm512_set1_ps(NAN));
+    low = _mm512_mask_blend_ps(unbounded, low, _mm512_set1_ps(NAN));
     const unsigned kept = _mm512_cmp_ps_mask(bound, _mm512_set1_ps(threshold), _CMP_NLT_UQ);
-    alignas(64) float lanes[16];
+    alignas(64) float lanes[16], lower_lanes[16];
     _mm512_store_ps(lanes, bound);
-    for (int j = 0; j < kKeys; ++j) bounds[j] = lanes[4 * j];  // lanes 0, 4, 8, 12: keys 0..3
+    _mm512_store_ps(lower_lanes, low);
+    for (int j = 0; j < kKeys; ++j) {  // lanes 0, 4, 8, 12: keys 0..3
+      bounds[j] = lanes[4 * j];
+      lower[j] = lower_lanes[4 * j];
+    }
     return (kept & 1u) | (kept >> 3 & 2u) | (kept >> 6 & 4u) | (kept >> 9 & 8u);
 #elif MLLM_INT8_SCREEN == MLLM_SCREEN_AVX2
     // The arithmetic of the VNNI version above, with key j in lane j.
     const __m256 sign = _mm256_set1_ps(-0.0f);
     __m256 pos = _mm256_set1_ps(-INFINITY), neg = _mm256_set1_ps(-INFINITY);
+    __m256 pos_lower = _mm256_set1_ps(-INFINITY), neg_lower = _mm256_set1_ps(-INFINITY);
     alignas(32) int32_t sums[4 * kKeys];  // sums[8 * r + j]: key j, probe p0 + r
     for (int64_t p0 = 0; p0 < num_probes_; p0 += 4) {
       probe_block_dots(keys, p0, sums);
@@ -398,11 +417,16 @@ class Int8Screen {
         const __m256 margin = _mm256_mul_ps(_mm256_add_ps(_mm256_andnot_ps(sign, a), slack), _mm256_set1_ps(0x1p-20f));
         pos = _mm256_max_ps(pos, _mm256_add_ps(_mm256_add_ps(slack, a), margin));
         neg = _mm256_max_ps(neg, _mm256_add_ps(_mm256_sub_ps(slack, a), margin));
+        pos_lower = _mm256_max_ps(pos_lower, _mm256_sub_ps(_mm256_sub_ps(a, slack), margin));
+        neg_lower = _mm256_max_ps(neg_lower, _mm256_sub_ps(_mm256_xor_ps(_mm256_add_ps(a, slack), sign), margin));
       }
     }
     const __m256 k = _mm256_loadu_ps(scales), abs_k = _mm256_andnot_ps(sign, k);
-    __m256 bound = _mm256_mul_ps(abs_k, _mm256_blendv_ps(pos, neg, _mm256_cmp_ps(k, _mm256_setzero_ps(), _CMP_LT_OQ)));
+    const __m256 negative = _mm256_cmp_ps(k, _mm256_setzero_ps(), _CMP_LT_OQ);
+    __m256 bound = _mm256_mul_ps(abs_k, _mm256_blendv_ps(pos, neg, negative));
     bound = _mm256_fmadd_ps(_mm256_andnot_ps(sign, bound), _mm256_set1_ps(float(kScoreBoundRelative)), bound);
+    __m256 low = _mm256_mul_ps(abs_k, _mm256_blendv_ps(pos_lower, neg_lower, negative));
+    low = _mm256_fnmadd_ps(_mm256_andnot_ps(sign, low), _mm256_set1_ps(float(kScoreBoundRelative)), low);
     if (lse) {
       bound = _mm256_add_ps(bound, _mm256_set1_ps(log_num_probes_));
       bound = _mm256_add_ps(
@@ -410,15 +434,17 @@ class Int8Screen {
           _mm256_set1_ps(float(kLseBoundAbsolute)));
     }
     // No bound for a non-finite scale; kept: not (bound < threshold), NaN included.
-    bound = _mm256_blendv_ps(bound, _mm256_set1_ps(NAN), _mm256_cmp_ps(abs_k, _mm256_set1_ps(INFINITY), _CMP_NLT_UQ));
+    const __m256 unbounded = _mm256_cmp_ps(abs_k, _mm256_set1_ps(INFINITY), _CMP_NLT_UQ);
+    bound = _mm256_blendv_ps(bound, _mm256_set1_ps(NAN), unbounded);
     _mm256_storeu_ps(bounds, bound);
+    _mm256_storeu_ps(lower, _mm256_blendv_ps(low, _mm256_set1_ps(NAN), unbounded));
     return static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(bound, _mm256_set1_ps(threshold), _CMP_NLT_UQ)));
 #else
     (void)keys;
     (void)scales;
     (void)lse;
     (void)threshold;
-    for (int j = 0; j < kKeys; ++j) bounds[j] = NAN;
+    for (int j = 0; j < kKeys; ++j) bounds[j] = lower[j] = NAN;
     return (1u << kKeys) - 1;
 #endif
   }
