@@ -390,6 +390,21 @@ def test_cpu_screen_exact_ties(P, reduce, gen):
         _check_screen(probes, q, scales, parents, fanout, t, reduce)
 
 
+@pytest.mark.parametrize("reduce", REDUCES)
+def test_cpu_screen_all_rows_tie(reduce, gen):
+    """Every row the same: no bound rules a row out, so the screen's list of candidates grows past
+    its pruning limit, and the t smallest ids must win. An all-zero probe row gives bounds equal
+    to the scores (all 0): a tie with the threshold must keep the row."""
+    N, fanout, D = 3000, 64, 33
+    q = torch.randint(-127, 128, (1, D), generator=gen).to(I8).expand(N, D).contiguous()
+    scales = torch.full((N,), 0.25)
+    probes = make_probes(3, 2, D, F32, gen)
+    probes[2] = 0.0
+    parents = torch.stack([torch.randperm(num_parents(N, fanout), generator=gen)[:40] for _ in range(3)])
+    for t in (1, 8):
+        _check_screen(probes, q, scales, parents, fanout, t, reduce)
+
+
 @pytest.mark.parametrize("P", [1, 4, 6])
 @pytest.mark.parametrize("reduce", REDUCES)
 def test_cpu_screen_near_ties(P, reduce, gen):

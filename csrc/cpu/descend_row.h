@@ -139,11 +139,17 @@ inline void descend_row_screened(const LevelView<int8_t, float>& level, const fl
   std::sort(candidates.begin(), candidates.end(),
             [](const Candidate& a, const Candidate& b) { return a.upper > b.upper; });
   RunningTopT<float> top(out_scores, out_ids, t);
+  GroupedDots scorer(level.keys, level.dim, scratch.dots, [&](int64_t child, float* child_dots) {
+    offer(top, child_score<int8_t>(child_dots, level.num_probes, level.scales, child, level.lse), child);
+  });
+  scorer.use_probes(probes, level.num_probes);
+  // Scored kMaxDotGroup at a time (independent dot products: one alone is bound by the FMA
+  // latency), so the t-th score seen by the stopping test may lag by a group: a few more are scored.
   for (const Candidate& c : candidates) {
     if (top.size == top.capacity && c.upper < top.scores[t - 1]) break;  // this and the rest cannot rank
-    multi_dot(probes, level.num_probes, level.dim, level.keys + c.child * level.dim, scratch.dots.data());
-    offer(top, child_score<int8_t>(scratch.dots.data(), level.num_probes, level.scales, c.child, level.lse), c.child);
+    scorer.add(c.child);
   }
+  scorer.flush();
   top.finish();
 }
 
