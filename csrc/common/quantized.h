@@ -42,8 +42,11 @@ MLLM_HOST_DEVICE acc_t dequantize(int8_t q, acc_t scale) {
 // sum_d |p_d| (any summation order), and whose final product adds a relative 2^-24. So the
 // kernel's score of row q for probe p is at most
 //   k * s * <r, q> + |k| * slack_p  (+ a relative 2^-22 for the last roundings),
-// slack_p = 128 * (sum_d |p_d - s r_d| + gamma(D) * sum_d |p_d|), and a row whose bound is below
-// the t-th best score so far cannot enter the top t: it need not be scored exactly.
+// slack_p = 128 * (sum_d |p_d - s r_d| + gamma(D) * sum_d |p_d|), and at least
+//   k * s * <r, q> - |k| * slack_p  (less the same relative margin).
+// The kernel's max and logsumexp over the probes are at least the largest of these lower bounds
+// (its logsumexp adds log(sum) >= 0 to the max). A row whose upper bound is below the t-th best
+// lower bound of other rows cannot enter the top t: it need not be scored exactly.
 
 // gamma(n) = n u / (1 - n u), u = 2^-24: the float32 rounding bound of an n-term sum.
 inline double float_sum_gamma(int64_t n) {

@@ -1,14 +1,14 @@
-// The int8 screen of the CPU descent: a cheap upper bound of a quantised key row's score, so
-// that rows which cannot enter the running top-t are not scored exactly.
+// The int8 screen of the CPU descent: cheap bounds of a quantised key row's score, from above
+// and below, so that rows which cannot enter the top t are not scored exactly.
 //
 // Why: scoring an int8 row exactly costs as much as a float16 row (P * D float32 FMAs plus the
 // conversions), so on its own int8 saves memory traffic but not compute, and the descent is
 // compute-bound on a few cores. The screen rounds each probe to integer digits once per query
-// row and bounds every candidate's score from one integer dot product per probe. A candidate
-// whose bound is below the t-th best score found so far is skipped; every other candidate (those
-// entering the top t, and near misses) is scored by the exact float32 path. The results are
-// therefore identical to scoring every row exactly: the screen only removes work. The bound and
-// its rounding analysis are in common/quantized.h.
+// row and bounds every candidate's score from one integer dot product per probe. descend_row
+// drops a candidate whose upper bound is below the t-th best lower bound (t other rows beat it)
+// and scores the others by the exact float32 path. The results are therefore identical to
+// scoring every row exactly: the screen only removes work. The bounds and their rounding
+// analysis are in common/quantized.h.
 //
 // Two builds, whichever the compiler targets:
 // - AVX-512 VNNI and BW: int8 digits, vpdpbusd (64 multiply-adds per instruction, the keys
