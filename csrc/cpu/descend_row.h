@@ -161,7 +161,6 @@ void descend_row(const LevelView<key_t, acc_t>& level, int64_t b, const int64_t*
                  int64_t fanout, bool skip_repeated, int64_t t, acc_t* out_scores, int64_t* out_ids,
                  RowScratch<acc_t>& scratch) {
   const acc_t* probes = level.probes + b * level.num_probes * level.dim;
-  scratch.dots.resize(kMaxDotGroup * level.num_probes);
   if constexpr (MLLM_INT8_SCREEN && std::is_same_v<key_t, int8_t> && std::is_same_v<acc_t, float>) {
     if (scratch.screen.prepare(probes, level.num_probes, level.dim))
       return descend_row_screened(level, probes, parents, num_parents, fanout, skip_repeated, t, out_scores, out_ids,
