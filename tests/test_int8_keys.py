@@ -343,9 +343,10 @@ def test_descend_matches_float_keys_on_exact_values(backend, gen):
 # ------------------------------------------------------------------------------------------
 # The CPU int8 screen: exactly the same result as scoring every row
 #
-# With AVX2 or AVX-512 VNNI the CPU descent bounds each int8 row's score from the probes rounded
-# to integer digits and skips rows that cannot beat the t-th best score so far. Its result must be bit for bit the
-# top t of score_children's scores, which the same float32 arithmetic computes without skipping.
+# With AVX2 or AVX-512 VNNI the CPU descent bounds each int8 row's score from above and below
+# from the probes rounded to integer digits, and skips rows whose upper bound is below the t-th
+# best lower bound. Its result must be bit for bit the top t of score_children's scores, which
+# the same float32 arithmetic computes without skipping.
 
 
 def _cpu_top_without_screen(probes, q, scales, parents, fanout, t, reduce, mask):
