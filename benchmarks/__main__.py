@@ -1,4 +1,4 @@
-"""Command line of the benchmark harness: ``python -m benchmarks ops|e2e [--quick] [--out DIR]``."""
+"""Command line of the benchmark harness: ``python -m benchmarks ops|e2e|gpu [--quick] [--out DIR]``."""
 
 from __future__ import annotations
 
@@ -35,13 +35,32 @@ def main(argv: list[str] | None = None) -> int:
     e2e.add_argument("--layout", choices=["sampled", "semantic"], default=None, help="leaf layout (default: sampled)")
     e2e.add_argument("--scratch", default=None, help="folder of the scratch file for large N (default: temp dir)")
     e2e.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    gpu = sub.add_parser("gpu", help="the op cases on CUDA tensors: cold and warm L2, GB/s against the copy bandwidth")
+    size = gpu.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="small sizes, under a minute")
+    size.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds")
+    gpu.add_argument("--out", default="bench_results", help="output folder (default: bench_results)")
+    gpu.add_argument("--only", nargs="+", metavar="OP", help="run only these ops (name prefixes)")
+    gpu.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     args = parser.parse_args(argv)
+    preset = "smoke" if args.smoke else "quick" if args.quick else "full"
+
+    if args.command == "gpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("gpu: torch sees no GPU on this machine")
+        from .gpu import markdown as gpu_markdown
+        from .gpu import run_gpu
+
+        results = run_gpu(preset, out_dir=args.out, only=args.only, verbose=not args.quiet)
+        print(gpu_markdown(results))
+        return 1 if any("error" in c for c in results["cases"]) else 0
 
     if args.command == "e2e":
         from .e2e import markdown as e2e_markdown
         from .e2e import run_e2e
 
-        preset = "smoke" if args.smoke else "quick" if args.quick else "full"
         results = run_e2e(
             preset,
             sizes=args.sizes,
@@ -62,7 +81,6 @@ def main(argv: list[str] | None = None) -> int:
     from .bench_ops import run_ops
     from .report import markdown
 
-    preset = "smoke" if args.smoke else "quick" if args.quick else "full"
     results = run_ops(preset, threads=args.threads, out_dir=args.out, only=args.only, verbose=not args.quiet)
     print(markdown(results))
     print("wrote " + ", ".join(results["files"].values()), file=sys.stderr)

@@ -1,6 +1,7 @@
 """The op benchmark cases: inputs, the two callables compared, and the bytes each op must move.
 
-Every case compares the C++ kernel (``backend="cpu"``) with the eager PyTorch reference
+Every case compares the kernel (the C++ kernels on the CPU, ``backend="cpu"``; on a GPU the
+dispatcher's CUDA kernels, ``backend="auto"``) with the eager PyTorch reference
 (``backend="reference"``), both called through the public ``mllm_kernels.<op>`` API on the same
 inputs. ``bytes`` is the memory traffic the op cannot avoid (inputs read once, outputs written
 once); dividing it by the kernel's median time gives its effective bandwidth:
@@ -8,7 +9,7 @@ once); dividing it by the kernel's median time gives its effective bandwidth:
 * descend: per query, the ``T * fanout`` child keys (``D * itemsize`` each) and its probes;
   plus parents read and the ``[B, t]`` ids and scores written.
 * descend int8: the same with int8 keys (``D`` bytes and a 4-byte scale per child). Its
-  "reference" is not the eager reference but the C++ kernel on the float16 keys the int8 keys
+  "reference" is not the eager reference but the same kernel on the float16 keys the int8 keys
   were quantised from (same probes, parents and shapes), so the speedup column is the int8 over
   float16 speed-up, measured side by side; the params give recall@t of the int8 result against
   the float16 one.
@@ -50,12 +51,23 @@ class Case:
 
 
 class Inputs:
-    """Seeded random inputs; a ``shared`` tensor is reused by the next case asking for the same
-    shape (the large keys and rows take seconds to fill), the one before it is released."""
+    """Seeded random inputs on ``device``; a ``shared`` tensor is reused by the next case asking
+    for the same shape (the large keys and rows take seconds to fill), the one before it is
+    released. The values are drawn on the CPU, so every device gets the same inputs.
 
-    def __init__(self, seed: int = 0):
+    ``backend`` is the kernel side of every case: the C++ kernels on the CPU, the dispatcher's
+    choice (``"auto"``: the Triton kernels in a build without CUDA C++) on a GPU.
+    """
+
+    def __init__(self, seed: int = 0, device: str = "cpu"):
         self.gen = torch.Generator().manual_seed(seed)
+        self.device = torch.device(device)
+        self.backend = "cpu" if self.device.type == "cpu" else "auto"
         self._shared: tuple = ((), None)
+
+    def put(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` on the inputs' device."""
+        return tensor.to(self.device)
 
     def rand(self, shape, dtype=KEY_DTYPE, shared: bool = False) -> torch.Tensor:
         """Uniform in [-1, 1)."""
@@ -64,7 +76,7 @@ class Inputs:
             return self._shared[1]
         if shared:
             self._shared = ((), None)
-        tensor = torch.empty(shape, dtype=dtype).uniform_(-1.0, 1.0, generator=self.gen)
+        tensor = self.put(torch.empty(shape, dtype=dtype).uniform_(-1.0, 1.0, generator=self.gen))
         if shared:
             self._shared = ((shape, dtype), tensor)
         return tensor
@@ -84,9 +96,9 @@ def _random_parents(B: int, n_parents: int, T: int, gen) -> torch.Tensor:
 PARENT_SETS = 16
 
 
-def _parent_sets(s: Sizes, n: int, gen) -> list[torch.Tensor]:
+def _parent_sets(s: Sizes, n: int, inp: Inputs) -> list[torch.Tensor]:
     """``PARENT_SETS`` random ``[B, T]`` parent sets of a level of ``n`` nodes."""
-    return [_random_parents(s.B, -(-n // s.fanout), s.T, gen) for _ in range(PARENT_SETS)]
+    return [inp.put(_random_parents(s.B, -(-n // s.fanout), s.T, inp.gen)) for _ in range(PARENT_SETS)]
 
 
 def _cycle(items: list) -> Callable[[], object]:
@@ -104,20 +116,20 @@ def _mb(n_bytes: int) -> str:
     return f"{n_bytes / 1e6:,.1f} MB" if n_bytes >= 1e6 else f"{n_bytes / 1e3:,.0f} kB"
 
 
-def _both(fn: Callable[[str], object]):
+def _both(fn: Callable[[str], object], inp: Inputs):
     """``(kernel, reference)`` callables from ``fn(backend)``."""
-    return (lambda: fn("cpu")), (lambda: fn("reference"))
+    return (lambda: fn(inp.backend)), (lambda: fn("reference"))
 
 
 def descend_case(s: Sizes, n: int, inp: Inputs, label: str) -> Case:
     """``descend`` on one level of ``n`` children with random parents per query."""
     keys = inp.rand((n, s.D), shared=True)
     probes = inp.rand((s.B, s.P, s.D))
-    sets = _parent_sets(s, n, inp.gen)
+    sets = _parent_sets(s, n, inp)
     kernel_parents, ref_parents = _cycle(sets), _cycle(sets)
 
     def kernel():
-        return mk.descend(probes, keys, kernel_parents(), s.fanout, s.t, backend="cpu")
+        return mk.descend(probes, keys, kernel_parents(), s.fanout, s.t, backend=inp.backend)
 
     def ref():
         return mk.descend(probes, keys, ref_parents(), s.fanout, s.t, backend="reference")
@@ -139,7 +151,7 @@ def _recall(ids: torch.Tensor, ref_ids: torch.Tensor) -> float:
 
 
 def descend_int8_case(s: Sizes, n: int, inp: Inputs, label: str) -> Case:
-    """``descend`` with int8 keys (kernel) against float16 keys (reference column), both C++.
+    """``descend`` with int8 keys (kernel) against float16 keys (reference column), same backend.
 
     The int8 keys are ``quantize_keys`` of the float16 keys of the same shape (shared with the
     float16 ``descend`` case before it); probes and parents are the same for both sides.
@@ -147,20 +159,20 @@ def descend_int8_case(s: Sizes, n: int, inp: Inputs, label: str) -> Case:
     keys16 = inp.rand((n, s.D), shared=True)
     keys8, scales = mk.quantize_keys(keys16)
     probes = inp.rand((s.B, s.P, s.D))
-    sets = _parent_sets(s, n, inp.gen)
+    sets = _parent_sets(s, n, inp)
     parents8, parents16 = _cycle(sets), _cycle(sets)
 
     def kernel():
-        return mk.descend(probes, keys8, parents8(), s.fanout, s.t, key_scales=scales, backend="cpu")
+        return mk.descend(probes, keys8, parents8(), s.fanout, s.t, key_scales=scales, backend=inp.backend)
 
     def float16():
-        return mk.descend(probes, keys16, parents16(), s.fanout, s.t, backend="cpu")
+        return mk.descend(probes, keys16, parents16(), s.fanout, s.t, backend=inp.backend)
 
     recall = _recall(kernel()[0], float16()[0])
     n_bytes = s.B * s.T * s.fanout * (s.D + 4) + probes.nbytes + s.B * s.T * 8 + s.B * s.t * 12
     params = (
         f"{label}: N={n:,} ({_mb(keys8.nbytes)} int8 keys vs {_mb(keys16.nbytes)} float16) B={s.B} P={s.P} "
-        f"T={s.T} t={s.t}; reference column = float16 keys (C++); recall@{s.t} vs float16 {recall:.1%}"
+        f"T={s.T} t={s.t}; reference column = float16 keys (same kernels); recall@{s.t} vs float16 {recall:.1%}"
     )
     return Case("descend int8", params, kernel, float16, n_bytes)
 
@@ -178,7 +190,7 @@ def descend_tree_case(s: Sizes, inp: Inputs) -> Case:
     sizes = tree_level_sizes(s.tree_leaves, s.fanout)
     keys = [inp.rand((n, s.D), shared=n == sizes[-1]) for n in sizes]
     probes = [inp.rand((s.B, s.P, s.D)) for _ in sizes]
-    kernel, ref = _both(lambda b: mk.descend_tree(probes, keys, s.fanout, s.t, backend=b))
+    kernel, ref = _both(lambda b: mk.descend_tree(probes, keys, s.fanout, s.t, backend=b), inp)
     item = KEY_DTYPE.itemsize
     n_bytes = s.B * sizes[0] * s.D * item
     n_bytes += sum(s.B * min(s.t * s.fanout, n) * s.D * item for n in sizes[1:])
@@ -192,7 +204,7 @@ def score_children_case(s: Sizes, n: int, inp: Inputs, backward: bool) -> Case:
     """``score_children`` forward, or forward+backward with gradients for probes and keys."""
     keys = inp.rand((n, s.D), shared=not backward)
     probes = inp.rand((s.B, s.P, s.D))
-    sets = _parent_sets(s, n, inp.gen)
+    sets = _parent_sets(s, n, inp)
     parents = sets[0]
     slots = s.B * s.T * s.fanout
     n_bytes = slots * (s.D * keys.element_size() + 4 + 8) + probes.nbytes + parents.nbytes
@@ -200,20 +212,21 @@ def score_children_case(s: Sizes, n: int, inp: Inputs, backward: bool) -> Case:
         kernel_parents, ref_parents = _cycle(sets), _cycle(sets)
         kernel, ref = _both(
             lambda b: mk.score_children(
-                probes, keys, (kernel_parents if b == "cpu" else ref_parents)(), s.fanout, backend=b
-            )
+                probes, keys, (kernel_parents if b == inp.backend else ref_parents)(), s.fanout, backend=b
+            ),
+            inp,
         )
         op = "score_children"
     else:
         probes.requires_grad_(True)
         keys.requires_grad_(True)
-        grad_scores = torch.randn(s.B, s.T * s.fanout, generator=inp.gen)
+        grad_scores = inp.put(torch.randn(s.B, s.T * s.fanout, generator=inp.gen))
 
         def step(backend):
             scores, _ = mk.score_children(probes, keys, parents, s.fanout, backend=backend)
             return torch.autograd.grad(scores, (probes, keys), grad_scores)
 
-        kernel, ref = _both(step)
+        kernel, ref = _both(step, inp)
         n_bytes += slots * (s.D * keys.element_size() + 4) + probes.nbytes + keys.nbytes
         op = "score_children fwd+bwd"
     params = f"N={n:,} ({_mb(keys.nbytes)} keys) B={s.B} P={s.P} T={s.T}"
@@ -230,12 +243,12 @@ def cls_pool_case(s: Sizes, n: int, heads: int, inp: Inputs, backward: bool) -> 
     """``cls_pool`` of ``n`` rows in chunks of ``s.chunk_size`` with ``heads`` CLS queries."""
     x = inp.rand((n, s.D), shared=not backward)
     q = inp.rand((heads, s.D))
-    offsets = chunk_offsets_of_rows(n, s.chunk_size)
+    offsets = inp.put(chunk_offsets_of_rows(n, s.chunk_size))
     C = offsets.numel() - 1
     out_bytes = C * heads * s.D * x.element_size()
     n_bytes = x.nbytes + out_bytes + offsets.nbytes
     if not backward:
-        kernel, ref = _both(lambda b: mk.cls_pool(x, q, offsets, backend=b))
+        kernel, ref = _both(lambda b: mk.cls_pool(x, q, offsets, backend=b), inp)
         op = "cls_pool"
     else:
         x.requires_grad_(True)
@@ -246,7 +259,7 @@ def cls_pool_case(s: Sizes, n: int, heads: int, inp: Inputs, backward: bool) -> 
             pooled = mk.cls_pool(x, q, offsets, backend=backend)
             return torch.autograd.grad(pooled, (x, q), grad_out)
 
-        kernel, ref = _both(step)
+        kernel, ref = _both(step, inp)
         n_bytes += 2 * x.nbytes + out_bytes
         op = "cls_pool fwd+bwd"
     params = f"N={n:,} ({_mb(x.nbytes)}) D={s.D} H={heads} chunk={s.chunk_size}"
@@ -258,18 +271,18 @@ def cls_pool_case(s: Sizes, n: int, heads: int, inp: Inputs, backward: bool) -> 
 def chunk_offsets_case(s: Sizes, inp: Inputs) -> Case:
     """``chunk_offsets`` of ``s.segments`` segments of random length (some empty)."""
     lengths = torch.randint(0, s.max_segment + 1, (s.segments,), generator=inp.gen)
-    seg = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    seg = inp.put(torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]))
     n_chunks = int(((lengths + s.chunk_size - 1) // s.chunk_size).sum())
-    kernel, ref = _both(lambda b: mk.chunk_offsets(seg, s.chunk_size, backend=b))
+    kernel, ref = _both(lambda b: mk.chunk_offsets(seg, s.chunk_size, backend=b), inp)
     n_bytes = seg.nbytes + (2 * n_chunks + 1) * 8
     params = f"S={s.segments:,} segments -> C={n_chunks:,} chunks of {s.chunk_size}"
     return Case("chunk_offsets", params, kernel, ref, n_bytes)
 
 
-def all_cases(s: Sizes, seed: int = 0) -> list[tuple[str, Callable[[], Case]]]:
-    """``(op, build)`` for every case, in run order; ``build()`` makes the inputs, so a run builds
-    one case at a time and frees it before the next."""
-    inp = Inputs(seed)
+def all_cases(s: Sizes, seed: int = 0, device: str = "cpu") -> list[tuple[str, Callable[[], Case]]]:
+    """``(op, build)`` for every case, in run order; ``build()`` makes the inputs on ``device``,
+    so a run builds one case at a time and frees it before the next."""
+    inp = Inputs(seed, device)
     return [
         ("descend", lambda: descend_case(s, s.n_cached, inp, "cached")),
         ("descend", lambda: descend_int8_case(s, s.n_cached, inp, "cached")),

@@ -5,11 +5,15 @@ The environment variables below must be set before torch, triton or mllm_kernels
 ``MLLM_POISON_OUTPUTS`` when the output allocators are imported (Python and C++). With poisoning
 on, every output a kernel allocates uninitialised starts as NaN / int64 min, so a kernel that
 leaves part of an output unwritten fails the comparisons instead of passing by luck.
+
+On a machine with a GPU, ``MLLM_TEST_TRITON_DEVICE=cuda`` runs the Triton cases there instead
+of under the interpreter (``testing_utils.route_triton_calls``).
 """
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"
+if os.environ.get("MLLM_TEST_TRITON_DEVICE", "cpu") == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
 os.environ["MLLM_POISON_OUTPUTS"] = "1"
 
 import faulthandler
@@ -26,6 +30,7 @@ if importlib.util.find_spec("mllm_kernels") is None:
 
 import torch
 from hypothesis import HealthCheck, settings
+from testing_utils import TRITON_DEVICE, route_triton_calls
 
 settings.register_profile(
     "mllm",
@@ -60,6 +65,9 @@ def _check_environment():
     from mllm_kernels import _alloc
 
     assert _alloc.POISON, "MLLM_POISON_OUTPUTS must be set before mllm_kernels is imported"
+    if TRITON_DEVICE != "cpu":
+        assert torch.cuda.is_available(), f"MLLM_TEST_TRITON_DEVICE={TRITON_DEVICE}, but torch sees no GPU"
+        route_triton_calls(TRITON_DEVICE)
     yield
 
 

@@ -17,6 +17,7 @@ from testing_utils import (
     F16,
     F32,
     F64,
+    TRITON_DEVICE,
     assert_no_poison,
     assert_scores_close,
     assert_topk_equal,
@@ -29,6 +30,7 @@ from testing_utils import (
     randn,
     score_tol,
     strided,
+    to_device,
 )
 
 import mllm_kernels as mk
@@ -569,6 +571,7 @@ def test_opcheck_triton(gen):
     probes = make_probes(2, 2, 4, F32, gen)
     q, scales = make_int8_keys(9, 4, gen)
     parents = make_parents(2, 2, num_parents(9, 3), gen)
+    probes, q, scales, parents = to_device((probes, q, scales, parents), TRITON_DEVICE)
     ops = torch.ops.mllm_kernels_triton
     torch.library.opcheck(ops.score_children.default, (probes.requires_grad_(), q, parents, 3, "max", None, scales))
     torch.library.opcheck(ops.descend.default, (probes.detach(), q, parents, 3, 4, "max", None, scales))

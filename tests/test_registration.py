@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from testing_utils import F32, F64, make_keys, make_parents, make_probes, param
+from testing_utils import F32, F64, TRITON_DEVICE, make_keys, make_parents, make_probes, param, to_device
 
 import mllm_kernels as mk
 from mllm_kernels import reference
@@ -91,6 +91,7 @@ def test_opcheck_triton(op):
     mk.descend(*make_inputs_for_import(), backend="triton")  # imports the Triton namespace
     triton_op = getattr(torch.ops.mllm_kernels_triton, op).default
     for args in samples(op, small=True):
+        args = to_device(args, TRITON_DEVICE)
         if op == "cls_pool_backward":
             # The saved outputs must come from the Triton forward (its own log-sum-exp).
             grad, _, x, q, offsets, _, _, scale = args

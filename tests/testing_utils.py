@@ -6,12 +6,23 @@ backends in :data:`BACKENDS`.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 
 import torch
 
 BACKENDS = ["cpu", "triton"]
 ALL_BACKENDS = ["cpu", "triton", "reference"]
+
+#: Where the suite runs the Triton kernels: "cpu" (under ``TRITON_INTERPRET=1``, the default) or
+#: a GPU, ``MLLM_TEST_TRITON_DEVICE=cuda``. On a GPU, every ``backend="triton"`` call of the
+#: suite gets its CPU inputs moved to the GPU and its outputs moved back
+#: (:func:`route_triton_calls`), so each Triton case compiles and runs as real GPU code.
+TRITON_DEVICE = os.environ.get("MLLM_TEST_TRITON_DEVICE", "cpu")
+
+#: The public ops that take ``backend``.
+OPS = ("chunk_offsets", "cls_pool", "score_children", "descend", "descend_tree")
 
 F64, F32, F16, BF16 = torch.float64, torch.float32, torch.float16, torch.bfloat16
 LOW_PRECISION = (F16, BF16)
@@ -106,6 +117,44 @@ def transposed(t: torch.Tensor) -> torch.Tensor:
     view = t.transpose(-1, -2).contiguous().transpose(-1, -2)
     assert torch.equal(view, t)
     return view
+
+
+def map_tensors(value, fn):
+    """``value`` with ``fn`` applied to each of its tensors, also inside lists and tuples."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(map_tensors(v, fn) for v in value)
+    return value
+
+
+def to_device(value, device):
+    """``value`` with its CPU tensors moved to ``device``; tensors elsewhere (the meta tensor of
+    an error test) stay. The copy is differentiable: a gradient reaches the CPU leaf."""
+    return map_tensors(value, lambda t: t.to(device) if t.device.type == "cpu" else t)
+
+
+def route_triton_calls(device: str) -> None:
+    """Run every ``mllm_kernels.<op>(..., backend="triton")`` call on ``device``.
+
+    Inputs on the CPU move to ``device`` and the outputs come back to the CPU, so the tests
+    written for the interpreter compare the GPU kernels with the same CPU reference.
+    """
+    import mllm_kernels as mk
+    from mllm_kernels import ops
+
+    for name in OPS:
+        original = getattr(ops, name)
+
+        @functools.wraps(original)
+        def routed(*args, _original=original, **kwargs):
+            if kwargs.get("backend") != "triton":
+                return _original(*args, **kwargs)
+            out = _original(*to_device(args, device), **{k: to_device(v, device) for k, v in kwargs.items()})
+            return map_tensors(out, torch.Tensor.cpu)
+
+        setattr(ops, name, routed)
+        setattr(mk, name, routed)
 
 
 # --------------------------------------------------------------------------------------------
