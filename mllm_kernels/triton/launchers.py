@@ -161,7 +161,14 @@ def cls_pool_backward(grad_out: torch.Tensor, grad_lse: torch.Tensor | None, x: 
 
 
 def _mask_arg(mask: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
-    return fallback if mask is None else mask.contiguous()
+    """The bool mask as bytes (``uint8``), or any tensor (unread: HAS_MASK is False).
+
+    Triton types a ``torch.bool`` pointer ``*i1`` while torch stores a byte per bool, and loads
+    through ``*i1`` pointers have been miscompiled (pytorch/pytorch#176353); on an H200 the masked
+    kernels gave wrong results when D was a multiple of 16. A ``*u8`` pointer reads the bytes as
+    stored. (Not yet rerun on a GPU.)
+    """
+    return fallback if mask is None else mask.contiguous().view(torch.uint8)
 
 
 def _scales_arg(key_scales: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
