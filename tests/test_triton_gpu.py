@@ -14,7 +14,7 @@ from test_descend import check as check_descend
 from test_int8_keys import check_descend as check_descend_int8
 from test_int8_keys import check_tree as check_int8_tree
 from test_int8_keys import make_int8_keys
-from test_registration import Retriever, _compile_inputs
+from test_registration import Retriever, _compile_inputs, check_compiled_matches_eager
 from test_score_children import check as check_scores
 from testing_utils import (
     BF16,
@@ -114,20 +114,7 @@ def test_cuda_dispatch_key_runs_triton(op, gen):
 
 def test_compile_on_gpu_matches_eager():
     """The module layer's use of the ops, compiled with inductor on CUDA tensors."""
-    torch._dynamo.reset()
-    model = Retriever(6, 2).cuda()
-    inputs = to_device(_compile_inputs(), "cuda")
-    loss, ids, top = model(*inputs)
-    loss.backward()
-    grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    c_loss, c_ids, c_top = torch.compile(model, backend="inductor", fullgraph=True)(*inputs)
-    c_loss.backward()
-    torch.testing.assert_close(c_loss, loss, atol=1e-5, rtol=1e-5)
-    assert torch.equal(c_ids, ids)
-    torch.testing.assert_close(c_top, top)
-    for grad, param_ in zip(grads, model.parameters()):
-        torch.testing.assert_close(param_.grad, grad, atol=1e-5, rtol=1e-5)
+    check_compiled_matches_eager(Retriever(6, 2).cuda(), to_device(_compile_inputs(), "cuda"), "inductor")
 
 
 @pytest.mark.parametrize("dtype", [F32, F16], ids=str)

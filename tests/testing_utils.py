@@ -22,7 +22,7 @@ ALL_BACKENDS = ["cpu", "triton", "reference"]
 TRITON_DEVICE = os.environ.get("MLLM_TEST_TRITON_DEVICE", "cpu")
 
 #: The public ops that take ``backend``.
-OPS = ("chunk_offsets", "cls_pool", "score_children", "descend", "descend_tree")
+PUBLIC_OPS = ("chunk_offsets", "cls_pool", "score_children", "descend", "descend_tree")
 
 F64, F32, F16, BF16 = torch.float64, torch.float32, torch.float16, torch.bfloat16
 LOW_PRECISION = (F16, BF16)
@@ -143,7 +143,7 @@ def route_triton_calls(device: str) -> None:
     import mllm_kernels as mk
     from mllm_kernels import ops
 
-    for name in OPS:
+    for name in PUBLIC_OPS:
         original = getattr(ops, name)
 
         @functools.wraps(original)
