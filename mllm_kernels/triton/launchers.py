@@ -166,7 +166,7 @@ def _mask_arg(mask: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor
     Triton types a ``torch.bool`` pointer ``*i1`` while torch stores a byte per bool, and loads
     through ``*i1`` pointers have been miscompiled (pytorch/pytorch#176353); on an H200 the masked
     kernels gave wrong results when D was a multiple of 16. A ``*u8`` pointer reads the bytes as
-    stored. (Not yet rerun on a GPU.)
+    stored.
     """
     return fallback if mask is None else mask.contiguous().view(torch.uint8)
 
