@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "../common/quantized.h"
+#include "simd.h"
 
 // MLLM_INT8_SCREEN: 0 (no screen), MLLM_SCREEN_VNNI or MLLM_SCREEN_AVX2, whichever the target allows.
 #define MLLM_SCREEN_VNNI 1
@@ -255,12 +256,20 @@ __attribute__((always_inline)) inline void screen_dots(const int8_t* const* keys
     __m256i acc[8];  // acc[r * kChunkKeys + j]: key c + j, probe r
     for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_si256();
     auto step = [&](const int8_t* const* rows, int64_t d, int64_t at) {
-      for (int j = 0; j < kChunkKeys; ++j) {
-        const __m256i q = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[j] + at)));
-        for (int r = 0; r < kProbes; ++r) {
-          const __m256i g = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(digits + r * stride + d));
-          acc[r * kChunkKeys + j] = _mm256_add_epi32(acc[r * kChunkKeys + j], _mm256_madd_epi16(q, g));
-        }
+      auto key = [&](int j) {
+        return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[j] + at)));
+      };
+      // Each key and digit vector is loaded once per step. With one probe, a key is used once:
+      // loaded where used (eight of them would not fit the registers beside the accumulators).
+      __m256i q[kChunkKeys];
+      if constexpr (kProbes > 1)
+        for (int j = 0; j < kChunkKeys; ++j) q[j] = key(j);
+      for (int r = 0; r < kProbes; ++r) {
+        const __m256i g =
+            in_register(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(digits + r * stride + d)));
+        for (int j = 0; j < kChunkKeys; ++j)
+          acc[r * kChunkKeys + j] =
+              _mm256_add_epi32(acc[r * kChunkKeys + j], _mm256_madd_epi16(kProbes > 1 ? q[j] : key(j), g));
       }
     };
     for (int64_t d = 0; d < whole; d += 16) step(keys + c, d, d);

@@ -9,6 +9,7 @@
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -64,6 +65,18 @@ inline __m256 fold256(vfloat v) { return v; }
 #define MLLM_SIMD_WIDTH 0
 #endif
 
+#if defined(__x86_64__) || defined(_M_X64)
+// Keeps the vector `v` in a register: stops the compiler from folding the load that produced it
+// into each instruction that uses it. A tile's row vector feeds several FMAs (or integer
+// multiply-adds); folded, it is loaded once per use, and the loads (two 256-bit ones per cycle on
+// Zen 4), not the arithmetic, bound the tile.
+template <typename Vector>
+inline Vector in_register(Vector v) {
+  asm("" : "+v"(v));
+  return v;
+}
+#endif
+
 #if MLLM_SIMD_WIDTH
 // out[0..4) = horizontal sums of four vectors, with shared shuffles (a transposed reduction).
 inline void vsum4(const vfloat* v, float* out) {
@@ -85,16 +98,16 @@ inline float vsum(vfloat v) {
 
 #if MLLM_SIMD_WIDTH
 namespace detail {
-// out[x][r] = <rows[r, :], xs[x]> for r < kRows (up to four) and x < kX (up to four), each dot
-// product over kS accumulators (at most eight in all, so that they, the xs and a row fit the 16
-// vector registers): each load of a row feeds every x, each load (and conversion) of an x every
-// row. With kS = 1 a dot product's bits do not depend on the tile it is in: it has one
-// accumulator, reduced in vsum4's lane order (the descent groups rows and xs as the work comes,
-// and exact ties must stay ties).
+// out[x][r] = <rows[r, :], xs[x]> for r < kRows (up to four) and x < kX, each dot product over kS
+// accumulators: each load of a row feeds every x, each load (and conversion) of an x every row.
+// The accumulators, the xs and the row vector take kRows * kX * kS + kX + 1 of the 16 vector
+// registers of AVX2 (at most 12 accumulators). With kS = 1 a dot product's bits do not depend
+// on the tile it is in: it has one accumulator, reduced in vsum4's lane order (the descent
+// groups rows and xs as the work comes, and exact ties must stay ties).
 template <int kRows, int kX, int kS, typename x_t>
 inline void dot_tile(const float* rows, int64_t dim, const x_t* const* xs, float* const* out) {
   constexpr int W = MLLM_SIMD_WIDTH;
-  static_assert(kRows * kX * kS <= 8, "accumulators must fit the registers");
+  static_assert(kRows * kX * kS <= 12 && kRows * kX * kS + kX + 1 <= 16, "the tile must fit the registers");
   vfloat acc[kX][kRows][kS];
   for (int x = 0; x < kX; ++x)
     for (int r = 0; r < kRows; ++r)
@@ -105,7 +118,7 @@ inline void dot_tile(const float* rows, int64_t dim, const x_t* const* xs, float
       vfloat xv[kX];
       for (int x = 0; x < kX; ++x) xv[x] = vload(xs[x] + d + u * W);
       for (int r = 0; r < kRows; ++r) {
-        const vfloat row = vload(rows + r * dim + d + u * W);
+        const vfloat row = in_register(vload(rows + r * dim + d + u * W));
         for (int x = 0; x < kX; ++x) acc[x][r][u] = vfma(row, xv[x], acc[x][r][u]);
       }
     }
@@ -139,8 +152,15 @@ inline void dot_tile(const float* rows, int64_t dim, const x_t* const* xs, float
       for (int r = 0; r < kRows; ++r) out[x][r] += rows[r * dim + e] * static_cast<float>(xs[x][e]);
 }
 
-// Every row against kX xs, tiling the rows four at a time. kSplit (with kX = 1 only): tiles of
-// one or two rows split each dot product over 4 or 2 accumulators, to keep 4 FMAs in flight.
+// The most xs a tile of kRows rows scores in one pass: one row feeds up to six xs (6 accumulators
+// for 6 FMAs in flight), four rows three (12 FMAs per 7 loads; two xs, 8 per 6, leave the FMA
+// units idle on loads).
+template <int kRows>
+constexpr int kTileXs = kRows == 1 ? 6 : 3;
+
+// Every row against kX xs, tiling the rows four at a time; a tile whose rows cannot take all kX
+// xs at once takes them in two halves. kSplit (with kX = 1 only): tiles of one or two rows split
+// each dot product over 4 or 2 accumulators, to keep 4 FMAs in flight.
 template <int kX, bool kSplit, typename x_t>
 inline void multi_dot_simd(const float* rows, int64_t num_rows, int64_t dim, const x_t* const* xs, float* const* out) {
   static_assert(!kSplit || kX == 1, "split accumulators are for one x");
@@ -150,9 +170,10 @@ inline void multi_dot_simd(const float* rows, int64_t num_rows, int64_t dim, con
     constexpr int S = kSplit ? (R == 1 ? 4 : R == 2 ? 2 : 1) : 1;
     float* out_p[kX];
     for (int x = 0; x < kX; ++x) out_p[x] = out[x] + p;
-    if constexpr (R * kX > 8) {  // too many accumulators: two xs at a time
-      dot_tile<R, 2, S>(rows + p * dim, dim, xs, out_p);
-      dot_tile<R, 2, S>(rows + p * dim, dim, xs + 2, out_p + 2);
+    if constexpr (kX > kTileXs<R>) {
+      constexpr int kFirst = (kX + 1) / 2;
+      dot_tile<R, kFirst, S>(rows + p * dim, dim, xs, out_p);
+      dot_tile<R, kX - kFirst, S>(rows + p * dim, dim, xs + kFirst, out_p + kFirst);
     } else {
       dot_tile<R, kX, S>(rows + p * dim, dim, xs, out_p);
     }
@@ -175,7 +196,7 @@ template <typename acc_t, typename x_t>
 constexpr bool kSimdDot = MLLM_SIMD_WIDTH && std::is_same_v<acc_t, float> && !std::is_same_v<x_t, double>;
 
 // The most vectors multi_dot_many scores in one pass over the rows.
-constexpr int kMaxDotGroup = 4;
+constexpr int kMaxDotGroup = 6;
 
 // outs[x][p] = <rows[p, :], xs[x]> for p < num_rows and x < num_xs: the rows are read once per
 // group of up to kMaxDotGroup xs, and each x once per tile of rows. A dot product gets the same
@@ -185,13 +206,19 @@ inline void multi_dot_many(const acc_t* rows, int64_t num_rows, int64_t dim, con
                            acc_t* const* outs) {
 #if MLLM_SIMD_WIDTH
   if constexpr (kSimdDot<acc_t, x_t>) {
-    int64_t x = 0;
-    for (; x + 4 <= num_xs; x += 4) detail::multi_dot_simd<4, false>(rows, num_rows, dim, xs + x, outs + x);
-    if (x + 2 <= num_xs) {
-      detail::multi_dot_simd<2, false>(rows, num_rows, dim, xs + x, outs + x);
-      x += 2;
+    for (int64_t x = 0; x < num_xs; x += kMaxDotGroup) {
+      auto group = [&](auto xs_in_group) {
+        detail::multi_dot_simd<decltype(xs_in_group)::value, false>(rows, num_rows, dim, xs + x, outs + x);
+      };
+      switch (std::min<int64_t>(num_xs - x, kMaxDotGroup)) {
+        case 6: group(std::integral_constant<int, 6>{}); break;
+        case 5: group(std::integral_constant<int, 5>{}); break;
+        case 4: group(std::integral_constant<int, 4>{}); break;
+        case 3: group(std::integral_constant<int, 3>{}); break;
+        case 2: group(std::integral_constant<int, 2>{}); break;
+        default: group(std::integral_constant<int, 1>{}); break;
+      }
     }
-    if (x < num_xs) detail::multi_dot_simd<1, false>(rows, num_rows, dim, xs + x, outs + x);
     return;
   }
 #endif
