@@ -39,7 +39,12 @@ inline vfloat vload(const int8_t* p) {
 inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm512_fmadd_ps(a, b, c); }
 inline void vstore(float* p, vfloat v) { _mm512_storeu_ps(p, v); }
 inline __m256 fold256(vfloat v) {
-  return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  // Masked extracts: GCC 12's plain extract and cast pass an undefined vector, which trips
+  // -Wuninitialized once inlined (GCC bug 105593).
+  const __m512d wide = _mm512_castps_pd(v);
+  const __m256d low = _mm512_mask_extractf64x4_pd(_mm256_setzero_pd(), 0xF, wide, 0);
+  const __m256d high = _mm512_mask_extractf64x4_pd(_mm256_setzero_pd(), 0xF, wide, 1);
+  return _mm256_add_ps(_mm256_castpd_ps(low), _mm256_castpd_ps(high));
 }
 #elif (defined(__x86_64__) || defined(_M_X64)) && defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
 #define MLLM_SIMD_WIDTH 8
