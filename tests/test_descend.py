@@ -1,5 +1,7 @@
 """descend (SPEC 4.4): the fused top-t of every backend vs the reference."""
 
+import itertools
+
 import pytest
 import torch
 from testing_utils import (
@@ -178,15 +180,18 @@ def test_ties_smaller_id_first(backend, t, gen):
 @pytest.mark.parametrize("num_probes", [1, 2, 3, 4, 5])
 @pytest.mark.parametrize("dtype", [F32, F16])
 def test_equal_keys_score_equal_wherever_they_fall(num_probes, dtype, gen):
-    """The CPU kernels score keys in groups of up to four (and tails of two and one); a key's score
-    must not depend on its group, or exact ties would break by position instead of by id."""
+    """The CPU kernels score keys in groups of up to six (tiles of one to six keys against one to
+    four probe rows); a key's score must not depend on its group or tile, or exact ties would break
+    by position instead of by id."""
     N, D, fanout = 23, 389, 5  # D: SIMD blocks plus a scalar tail; fanout: groups straddle parents
     keys = make_keys(1, D, dtype, gen).expand(N, D).contiguous()
     probes = make_probes(2, num_probes, D, F32, gen)
     parents = torch.tensor([[4, 0, 2, 1, 3], [3, -1, 1, 4, 0]])
-    mask = torch.ones(N, dtype=torch.bool)
-    mask[[1, 6, 7, 13]] = False  # shifts the group boundaries inside blocks
-    for reduce in REDUCES:
+    # Masked children shift the group boundaries inside blocks; 19 to 14 live children end the
+    # row on a group of every size.
+    for dropped, reduce in itertools.product(range(6), REDUCES):
+        mask = torch.ones(N, dtype=torch.bool)
+        mask[[1, 6, 7, 13, 20, 21, 22, 2, 9][: 4 + dropped]] = False
         ids, scores = mk.descend(probes, keys, parents, fanout, N, reduce, mask, backend="cpu")
         live = torch.nonzero(mask).flatten()
         assert torch.equal(ids[0, : live.numel()], live), ids[0]

@@ -123,7 +123,10 @@ inline void dot_tile(const float* rows, int64_t dim, const x_t* const* xs, float
       vfloat xv[kX];
       for (int x = 0; x < kX; ++x) xv[x] = vload(xs[x] + d + u * W);
       for (int r = 0; r < kRows; ++r) {
-        const vfloat row = in_register(vload(rows + r * dim + d + u * W));
+        // A row vector that feeds several xs is loaded once (in_register); one that feeds one x is
+        // better folded into its FMA.
+        vfloat row = vload(rows + r * dim + d + u * W);
+        if constexpr (kX > 1) row = in_register(row);
         for (int x = 0; x < kX; ++x) acc[x][r][u] = vfma(row, xv[x], acc[x][r][u]);
       }
     }
