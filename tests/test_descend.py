@@ -280,6 +280,28 @@ def test_rows_sharing_parents(num_probes, dtype, reduce, gen):
             assert torch.equal(alone[0][0], ids[b]) and torch.equal(alone[1][0], scores[b]), b
 
 
+@pytest.mark.parametrize("num_probes", [1, 2, 5])
+def test_rows_sharing_parents_non_finite_and_ties(num_probes, gen):
+    """Rows sharing parents, with tops that fill up, many exact ties (small integers) and NaN and
+    infinite dot products: the kernel rules a child out for the rows of its parent from its probe
+    dots against each row's t-th score, which must never drop a child that ranks."""
+    B, D, N, fanout, T = 24, 12, 48, 8, 3
+    probes = torch.randint(-2, 3, (B, num_probes, D), generator=gen).to(F32)
+    keys = torch.randint(-2, 3, (N, D), generator=gen).to(F32)
+    keys[3, 0] = torch.inf
+    keys[10, 5] = -torch.inf
+    keys[17] = torch.nan
+    keys[22, 2] = torch.nan
+    keys[30] = torch.inf
+    keys[41] = -torch.inf
+    parents = torch.randint(0, N // fanout, (B, T), generator=gen)
+    for t in (1, 3, 9):
+        ids, scores = mk.descend(probes, keys, parents, fanout, t, "max", backend="cpu")
+        ref_ids, ref_scores = reference.descend(probes, keys, parents, fanout, t, "max")
+        assert torch.equal(ids, ref_ids), t
+        assert torch.equal(scores, ref_scores), t
+
+
 @pytest.mark.parametrize("op", ["descend", "descend_tree"])
 def test_same_result_for_any_thread_count(op, gen):
     """The C++ kernels split work across threads; the result must not depend on how."""

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <utility>
 #include <vector>
 
@@ -22,6 +23,7 @@ struct SharedScratch {
   std::vector<int64_t> block_parents;              // the distinct parents, ascending (scan order)
   std::vector<acc_t> probes;                       // [rows of a block, P, D] gathered
   std::vector<acc_t> dots;                         // [kMaxDotGroup, rows of a block, P]
+  std::vector<acc_t> bounds;                       // [rows of a block, P]: see entry_bound
   std::vector<RunningTopT<acc_t>> tops;            // per row: its running top t
 };
 
@@ -56,9 +58,27 @@ void descend_rows_shared(const LevelView<key_t, acc_t>& level, int64_t first_row
   BlockPrefetcher prefetcher(level.keys, fanout * row_bytes, level.num_nodes * row_bytes, block_parents.data(),
                              static_cast<int64_t>(block_parents.size()));
   size_t begin = 0, end = 0;  // the pairs of the parent being scored
+  // bounds[q, :] = the score a child's probe dot must reach for row pairs[begin + q] to take the
+  // child: for "max", a child none of whose dots reach the row's t-th score cannot enter its full
+  // top t (and a NaN dot reaches nothing: its score is NaN, never kept). -inf where that does
+  // not hold (a top not yet full, "lse").
+  auto& bounds = scratch.bounds;
+  auto refresh_bound = [&](size_t q) {
+    const RunningTopT<acc_t>& top = tops[pairs[begin + q].second];
+    const acc_t bound = level.lse || top.size < top.capacity ? -std::numeric_limits<acc_t>::infinity()
+                                                                : top.scores[top.capacity - 1];
+    std::fill_n(bounds.data() + q * num_probes, num_probes, bound);
+  };
   auto offer_to_rows = [&](int64_t child, acc_t* child_dots) {
-    for (size_t q = begin; q < end; ++q, child_dots += num_probes)
-      offer(tops[pairs[q].second], reduce_probes(child_dots, num_probes, level.lse), child);
+    // Most children reach no row's bound: one vector test rules them out for all the rows.
+    const int64_t sharing = static_cast<int64_t>(end - begin);
+    if (!any_at_least(child_dots, bounds.data(), sharing * num_probes)) return;
+    for (int64_t q = 0; q < sharing; ++q) {
+      const acc_t* dots = child_dots + q * num_probes;
+      if (!any_at_least(dots, bounds.data() + q * num_probes, num_probes)) continue;
+      offer(tops[pairs[begin + q].second], reduce_probes(dots, num_probes, level.lse), child);
+      refresh_bound(q);
+    }
   };
   GroupedDots scorer(level.keys, dim, scratch.dots, offer_to_rows);
   for (; begin < pairs.size(); begin = end) {
@@ -76,6 +96,8 @@ void descend_rows_shared(const LevelView<key_t, acc_t>& level, int64_t first_row
       probes = scratch.probes.data();
     }
     scorer.use_probes(probes, sharing * num_probes);
+    bounds.resize(sharing * num_probes);
+    for (int64_t q = 0; q < sharing; ++q) refresh_bound(q);
     const int64_t first = parent * fanout;
     for_each_child(prefetcher, row_bytes, first, first + std::min(fanout, level.num_nodes - first), level.mask,
                    [&](int64_t child) { scorer.add(child); });

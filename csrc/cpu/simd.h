@@ -38,6 +38,7 @@ inline vfloat vload(const int8_t* p) {
 }
 inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm512_fmadd_ps(a, b, c); }
 inline void vstore(float* p, vfloat v) { _mm512_storeu_ps(p, v); }
+inline bool vany_at_least(vfloat a, vfloat b) { return _mm512_cmp_ps_mask(a, b, _CMP_GE_OQ) != 0; }
 inline __m256 fold256(vfloat v) {
   // Masked extracts: GCC 12's plain extract and cast pass an undefined vector, which trips
   // -Wuninitialized once inlined (GCC bug 105593).
@@ -65,6 +66,7 @@ inline vfloat vload(const int8_t* p) {
 }
 inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm256_fmadd_ps(a, b, c); }
 inline void vstore(float* p, vfloat v) { _mm256_storeu_ps(p, v); }
+inline bool vany_at_least(vfloat a, vfloat b) { return _mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_GE_OQ)) != 0; }
 inline __m256 fold256(vfloat v) { return v; }
 #else
 #define MLLM_SIMD_WIDTH 0
@@ -121,7 +123,12 @@ inline void dot_tile(const float* rows, int64_t dim, const x_t* const* xs, float
   for (; d + kS * W <= dim; d += kS * W)
     for (int u = 0; u < kS; ++u) {
       vfloat xv[kX];
-      for (int x = 0; x < kX; ++x) xv[x] = vload(xs[x] + d + u * W);
+      for (int x = 0; x < kX; ++x) {
+        xv[x] = vload(xs[x] + d + u * W);
+        // A float32 x would be folded into each row's FMA (a load per FMA, as for the rows below);
+        // a converted one is in a register already.
+        if constexpr (kRows > 1 && std::is_same_v<x_t, float>) xv[x] = in_register(xv[x]);
+      }
       for (int r = 0; r < kRows; ++r) {
         // A row vector that feeds several xs is loaded once (in_register); one that feeds one x is
         // better folded into its FMA.
@@ -269,6 +276,21 @@ inline void multi_dot_split(const acc_t* rows, int64_t num_rows, int64_t dim, co
   if constexpr (kSimdDot<acc_t, x_t>) return detail::multi_dot_simd<1, true>(rows, num_rows, dim, &x, &out);
 #endif
   multi_dot(rows, num_rows, dim, x, out);
+}
+
+// Whether values[i] >= bounds[i] for some i < n (a NaN value is never at least its bound).
+template <typename acc_t>
+inline bool any_at_least(const acc_t* values, const acc_t* bounds, int64_t n) {
+  int64_t i = 0;
+#if MLLM_SIMD_WIDTH
+  if constexpr (std::is_same_v<acc_t, float>) {
+    for (; i + MLLM_SIMD_WIDTH <= n; i += MLLM_SIMD_WIDTH)
+      if (vany_at_least(vload(values + i), vload(bounds + i))) return true;
+  }
+#endif
+  bool any = false;
+  for (; i < n; ++i) any |= values[i] >= bounds[i];
+  return any;
 }
 
 // acc[d] += sum_r weights[r] * x[r * stride + d] for d < dim, over num_rows rows of x that are
