@@ -107,34 +107,46 @@ inline float vsum(vfloat v) {
 namespace detail {
 // out[x][r] = <rows[r, :], xs[x]> for r < kRows (up to four) and x < kX, each dot product over kS
 // accumulators: each load of a row feeds every x, each load (and conversion) of an x every row.
-// The accumulators, the xs and the row vector take kRows * kX * kS + kX + 1 of the 16 vector
-// registers of AVX2 (at most 12 accumulators). With kS = 1 a dot product's bits do not depend
-// on the tile it is in: it has one accumulator, reduced in vsum4's lane order (the descent
-// groups rows and xs as the work comes, and exact ties must stay ties).
+// Two orders of the same FMAs: with fewer rows than xs the row vectors stay in registers and each
+// x passes through one, otherwise the xs stay and each row passes through; either way the
+// accumulators (at most 12) and what stays take at most 15 of the 16 vector registers of AVX2,
+// plus one for what passes. With kS = 1 a dot product's bits do not depend on the tile it is in:
+// it has one accumulator, reduced in vsum4's lane order (the descent groups rows and xs as the
+// work comes, and exact ties must stay ties).
 template <int kRows, int kX, int kS, typename x_t>
 inline void dot_tile(const float* rows, int64_t dim, const x_t* const* xs, float* const* out) {
   constexpr int W = MLLM_SIMD_WIDTH;
-  static_assert(kRows * kX * kS <= 12 && kRows * kX * kS + kX + 1 <= 16, "the tile must fit the registers");
+  constexpr bool kRowsStay = kRows > 1 && kRows < kX;
+  static_assert(kRows * kX * kS <= 12 && kRows * kX * kS + (kRowsStay ? kRows : kX) + 1 <= 16,
+                "the tile must fit the registers");
   vfloat acc[kX][kRows][kS];
   for (int x = 0; x < kX; ++x)
     for (int r = 0; r < kRows; ++r)
       for (int u = 0; u < kS; ++u) acc[x][r][u] = vzero();
+  // A vector that feeds several FMAs is loaded once (in_register): folded, the compiler would load
+  // it again for each (a float32 x, a row); one that feeds one FMA is better folded into it.
   int64_t d = 0;
   for (; d + kS * W <= dim; d += kS * W)
     for (int u = 0; u < kS; ++u) {
-      vfloat xv[kX];
-      for (int x = 0; x < kX; ++x) {
-        xv[x] = vload(xs[x] + d + u * W);
-        // A float32 x would be folded into each row's FMA (a load per FMA, as for the rows below);
-        // a converted one is in a register already.
-        if constexpr (kRows > 1 && std::is_same_v<x_t, float>) xv[x] = in_register(xv[x]);
-      }
-      for (int r = 0; r < kRows; ++r) {
-        // A row vector that feeds several xs is loaded once (in_register); one that feeds one x is
-        // better folded into its FMA.
-        vfloat row = vload(rows + r * dim + d + u * W);
-        if constexpr (kX > 1) row = in_register(row);
-        for (int x = 0; x < kX; ++x) acc[x][r][u] = vfma(row, xv[x], acc[x][r][u]);
+      if constexpr (kRowsStay) {
+        vfloat row[kRows];
+        for (int r = 0; r < kRows; ++r) row[r] = in_register(vload(rows + r * dim + d + u * W));
+        for (int x = 0; x < kX; ++x) {
+          vfloat xv = vload(xs[x] + d + u * W);
+          if constexpr (kRows > 1 && std::is_same_v<x_t, float>) xv = in_register(xv);
+          for (int r = 0; r < kRows; ++r) acc[x][r][u] = vfma(row[r], xv, acc[x][r][u]);
+        }
+      } else {
+        vfloat xv[kX];
+        for (int x = 0; x < kX; ++x) {
+          xv[x] = vload(xs[x] + d + u * W);
+          if constexpr (kRows > 1 && std::is_same_v<x_t, float>) xv[x] = in_register(xv[x]);
+        }
+        for (int r = 0; r < kRows; ++r) {
+          vfloat row = vload(rows + r * dim + d + u * W);
+          if constexpr (kX > 1) row = in_register(row);
+          for (int x = 0; x < kX; ++x) acc[x][r][u] = vfma(row, xv[x], acc[x][r][u]);
+        }
       }
     }
   for (; d + W <= dim; d += W)
@@ -142,36 +154,39 @@ inline void dot_tile(const float* rows, int64_t dim, const x_t* const* xs, float
       const vfloat xv = vload(xs[x] + d);
       for (int r = 0; r < kRows; ++r) acc[x][r][0] = vfma(vload(rows + r * dim + d), xv, acc[x][r][0]);
     }
-  vfloat sums[kX][kRows];
   for (int x = 0; x < kX; ++x)
-    for (int r = 0; r < kRows; ++r) {
-      sums[x][r] = acc[x][r][0];
-      for (int u = 1; u < kS; ++u) sums[x][r] = vadd(sums[x][r], acc[x][r][u]);
-    }
-  // Four sums at a time where a tile has four rows or four xs, else one by one (same bits).
+    for (int r = 0; r < kRows; ++r)
+      for (int u = 1; u < kS; ++u) acc[x][r][0] = vadd(acc[x][r][0], acc[x][r][u]);
+  // The horizontal sums four at a time (vsum4), the rest one by one (vsum): the same bits.
   if constexpr (kRows == 4) {
-    for (int x = 0; x < kX; ++x) vsum4(sums[x], out[x]);
-  } else if constexpr (kX == 4) {
-    for (int r = 0; r < kRows; ++r) {
-      const vfloat column[4] = {sums[0][r], sums[1][r], sums[2][r], sums[3][r]};
-      float total[4];
-      vsum4(column, total);
-      for (int x = 0; x < 4; ++x) out[x][r] = total[x];
+    for (int x = 0; x < kX; ++x) {
+      const vfloat column[4] = {acc[x][0][0], acc[x][1][0], acc[x][2][0], acc[x][3][0]};
+      vsum4(column, out[x]);
     }
   } else {
-    for (int x = 0; x < kX; ++x)
-      for (int r = 0; r < kRows; ++r) out[x][r] = vsum(sums[x][r]);
+    constexpr int kSums = kX * kRows;
+    int i = 0;
+    for (; i + 4 <= kSums; i += 4) {
+      const vfloat four[4] = {acc[i / kRows][i % kRows][0], acc[(i + 1) / kRows][(i + 1) % kRows][0],
+                              acc[(i + 2) / kRows][(i + 2) % kRows][0], acc[(i + 3) / kRows][(i + 3) % kRows][0]};
+      float total[4];
+      vsum4(four, total);
+      for (int j = 0; j < 4; ++j) out[(i + j) / kRows][(i + j) % kRows] = total[j];
+    }
+    for (; i < kSums; ++i) out[i / kRows][i % kRows] = vsum(acc[i / kRows][i % kRows][0]);
   }
   for (int x = 0; x < kX; ++x)
     for (int64_t e = d; e < dim; ++e)
       for (int r = 0; r < kRows; ++r) out[x][r] += rows[r * dim + e] * static_cast<float>(xs[x][e]);
 }
 
-// The most xs a tile of kRows rows scores in one pass: one row feeds up to six xs (6 accumulators
-// keep 6 FMAs in flight), four rows three (12 FMAs per 7 loads, against 8 per 6 with two xs: 8%
-// faster for four probes on the Zen 4 of the benchmarks).
+// The most xs a tile of kRows rows scores in one pass. An FMA has 4 cycles of latency and Zen 4
+// (the benchmarks' machine) issues two per cycle, so a tile needs about 8 independent accumulators
+// (kRows * kX) to keep the FMA units busy: one row takes six xs and two rows six (the rows stay in
+// registers), four rows three (12 FMAs per 7 loads, against 8 per 6 with two xs: 8% faster for
+// four probes); three rows take three (nine accumulators; four would not fit with the xs).
 template <int kRows>
-constexpr int kTileXs = kRows == 1 ? 6 : 3;
+constexpr int kTileXs = kRows <= 2 ? 6 : 3;
 
 // Every row against kX xs, tiling the rows four at a time; a tile whose rows cannot take all kX
 // xs at once takes them in two halves. kSplit (with kX = 1 only): tiles of one or two rows split
