@@ -242,6 +242,14 @@ inline __m256i reduce8_epi32(const __m256i* v) {
   return _mm256_add_epi32(_mm256_permute2x128_si256(lo, hi, 0x20), _mm256_permute2x128_si256(lo, hi, 0x31));
 }
 
+// acc + v (int32 lanes), added in place: GCC 12 adds into v's register instead and copies the sum
+// back to acc's, one copy per accumulator and step of the loop below (6% of its time, four probes).
+// "x": the VEX encoding reaches the first 16 vector registers only.
+inline __m256i add_into(__m256i acc, __m256i v) {
+  asm("vpaddd %1, %0, %0" : "+x"(acc) : "x"(v));
+  return acc;
+}
+
 // sums[8 * r + j] = sum_d keys[j][d] * digits[r * stride + d] for 8 key rows j and r < kProbes;
 // int32, exact (see screen_digit_max). The keys are sign-extended to int16 16 at a time and
 // shared by the probes: chunks of 8 / kProbes keys (kProbes rounded up to a power of two) keep
@@ -268,8 +276,7 @@ __attribute__((always_inline)) inline void screen_dots(const int8_t* const* keys
         const __m256i g =
             in_register(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(digits + r * stride + d)));
         for (int j = 0; j < kChunkKeys; ++j)
-          acc[r * kChunkKeys + j] =
-              _mm256_add_epi32(acc[r * kChunkKeys + j], _mm256_madd_epi16(kProbes > 1 ? q[j] : key(j), g));
+          acc[r * kChunkKeys + j] = add_into(acc[r * kChunkKeys + j], _mm256_madd_epi16(kProbes > 1 ? q[j] : key(j), g));
       }
     };
     for (int64_t d = 0; d < whole; d += 16) step(keys + c, d, d);
