@@ -12,9 +12,9 @@ from ._loader import built_with_cuda, load_library
 
 load_library()
 
-from . import _autograd, _fake, reference  # noqa: E402
-from ._cuda_fallback import register_triton_for_cuda  # noqa: E402
-from .ops import (  # noqa: E402
+from . import _autograd, _fake, reference
+from ._cuda_fallback import register_triton_for_cuda
+from .ops import (
     BACKENDS,
     available_backends,
     chunk_offsets,
@@ -23,7 +23,7 @@ from .ops import (  # noqa: E402
     descend_tree,
     score_children,
 )
-from .quantize import dequantize_keys, quantize_keys  # noqa: E402
+from .quantize import dequantize_keys, quantize_keys
 
 _fake.register("mllm_kernels")
 _autograd.register("mllm_kernels")

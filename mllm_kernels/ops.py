@@ -18,7 +18,7 @@ path is checked here.
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 
@@ -116,7 +116,7 @@ def cls_pool(
     x: torch.Tensor,
     q: torch.Tensor,
     chunk_offsets: torch.Tensor,
-    scale: Optional[float] = None,
+    scale: float | None = None,
     *,
     backend: str = "auto",
 ) -> torch.Tensor:
@@ -150,8 +150,8 @@ def score_children(
     parents: torch.Tensor,
     fanout: int,
     reduce: str = "max",
-    mask: Optional[torch.Tensor] = None,
-    key_scales: Optional[torch.Tensor] = None,
+    mask: torch.Tensor | None = None,
+    key_scales: torch.Tensor | None = None,
     *,
     backend: str = "auto",
 ):
@@ -197,8 +197,8 @@ def descend(
     fanout: int,
     t: int,
     reduce: str = "max",
-    mask: Optional[torch.Tensor] = None,
-    key_scales: Optional[torch.Tensor] = None,
+    mask: torch.Tensor | None = None,
+    key_scales: torch.Tensor | None = None,
     *,
     backend: str = "auto",
 ):
@@ -226,10 +226,10 @@ def descend_tree(
     probes: Sequence[torch.Tensor],
     keys: Sequence[torch.Tensor],
     fanout: int,
-    t: Union[int, Sequence[int]],
+    t: int | Sequence[int],
     reduce: str = "max",
-    masks: Optional[Sequence[Optional[torch.Tensor]]] = None,
-    key_scales: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    masks: Sequence[torch.Tensor | None] | None = None,
+    key_scales: Sequence[torch.Tensor | None] | None = None,
     *,
     backend: str = "auto",
 ):

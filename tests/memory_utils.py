@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from mllm import ChunkEncoder, HierarchicalMemory, MemoryConfig
@@ -59,7 +61,7 @@ def check_tree(memory: HierarchicalMemory) -> None:
     """Every invariant of the implicit tree: sizes, top, dead nodes, parents = normalised means, keys."""
     tree, fanout = memory.tree, memory.config.fanout
     sizes = tree.sizes()
-    for below, above in zip(sizes, sizes[1:]):
+    for below, above in itertools.pairwise(sizes):
         assert above == -(-below // fanout)
     assert sizes[-1] <= fanout and (len(sizes) == 1 or sizes[-2] > fanout)
     if tree.num_leaves:

@@ -1,5 +1,7 @@
 """chunk_offsets (SPEC 4.1): every backend vs a plain-Python oracle and the reference."""
 
+import itertools
+
 import pytest
 import torch
 from testing_utils import ALL_BACKENDS, BACKENDS, make_offsets, strided
@@ -13,7 +15,7 @@ def oracle(seg_offsets, chunk_size):
     """Python integers: no overflow, obviously correct."""
     s = [int(v) for v in seg_offsets]
     offsets, segments = [s[0]], []
-    for seg, (start, end) in enumerate(zip(s[:-1], s[1:])):
+    for seg, (start, end) in enumerate(itertools.pairwise(s)):
         while start < end:
             start = end if end - start <= chunk_size else start + chunk_size
             offsets.append(start)

@@ -13,6 +13,7 @@ Sizes stay small: outputs never exceed a few MB, and "huge" values (t, fanout, o
 either harmless or so large that any allocation they imply fails at once.
 """
 
+import itertools
 import math
 import os
 import pickle
@@ -199,7 +200,7 @@ def check_chunk_offsets(backend, seg_offsets, chunk_size):
     s = seg_offsets.tolist()
     expected = [s[0]]
     segments = []
-    for seg, (a, b) in enumerate(zip(s[:-1], s[1:])):
+    for seg, (a, b) in enumerate(itertools.pairwise(s)):
         n = -(-(b - a) // chunk_size)
         expected += [min(a + (k + 1) * chunk_size, b) for k in range(n)]
         segments += [seg] * n

@@ -1,5 +1,7 @@
 """HierarchicalMemory: structure, incremental add, remove, masking, retrieval and backtracking."""
 
+import itertools
+
 import pytest
 import torch
 from memory_utils import check_tree, exhaustive_search, random_documents, tiny_encoder, tiny_memory
@@ -118,13 +120,13 @@ def test_compact_drops_tombstones(gen):
 def test_masked_hides_documents_and_their_parents(gen):
     docs = random_documents(gen, 60, max_tokens=16)
     memory = tiny_memory(docs, fanout=4)
-    hidden = list(range(0, 30))
+    hidden = list(range(30))
     queries = memory.tree.emb[0][:, None]
     with memory.masked(hidden):
         masks = memory.visible_masks()
         leaves = masks[-1]
         assert not leaves[torch.isin(memory.leaf_doc, torch.tensor(hidden))].any()
-        for above, below in zip(masks[:-1], masks[1:]):  # a parent is visible iff a child is
+        for above, below in itertools.pairwise(masks):  # a parent is visible iff a child is
             padded = torch.nn.functional.pad(below, (0, (-below.numel()) % 4)).view(-1, 4)
             assert torch.equal(above, padded.any(1))
         for t in (1, 2, 4, 10_000):
