@@ -50,7 +50,15 @@ class GroupedDots {
   // The probe rows ([num_rows, dim], contiguous) that the children added next are scored
   // against. Only when no child is waiting (before the first add, or after a flush).
   void use_probes(const acc_t* probes, int64_t num_rows) {
-    probes_ = probes;
+    own_rows_.resize(num_rows);
+    for (int64_t r = 0; r < num_rows; ++r) own_rows_[r] = probes + r * dim_;
+    use_probe_rows(own_rows_.data(), num_rows);
+  }
+
+  // use_probes for rows anywhere: rows[r] is row r's first element. The pointers must stay valid
+  // until the next flush.
+  void use_probe_rows(const acc_t* const* rows, int64_t num_rows) {
+    rows_ = rows;
     num_rows_ = num_rows;
     dots_.resize(kMaxDotGroup * num_rows);
   }
@@ -63,7 +71,7 @@ class GroupedDots {
   // Scores the children waiting, if any.
   void flush() {
     if (size_ == 0) return;
-    multi_dot_keys(probes_, num_rows_, dim_, keys_, group_, size_, dots_.data());
+    multi_dot_keys(rows_, num_rows_, dim_, keys_, group_, size_, dots_.data());
     for (int i = 0; i < size_; ++i) on_scored_(group_[i], dots_.data() + i * num_rows_);
     size_ = 0;
   }
@@ -73,7 +81,8 @@ class GroupedDots {
   int64_t dim_;
   std::vector<acc_t>& dots_;
   OnScored on_scored_;
-  const acc_t* probes_ = nullptr;
+  std::vector<const acc_t*> own_rows_;  // use_probes' rows
+  const acc_t* const* rows_ = nullptr;
   int64_t num_rows_ = 0;
   int64_t group_[kMaxDotGroup];
   int size_ = 0;

@@ -7,7 +7,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <utility>
 #include <vector>
@@ -21,7 +20,7 @@ template <typename acc_t>
 struct SharedScratch {
   std::vector<std::pair<int64_t, int64_t>> pairs;  // (parent, row) of every candidate block
   std::vector<int64_t> block_parents;              // the distinct parents, ascending (scan order)
-  std::vector<acc_t> probes;                       // [rows of a block, P, D] gathered
+  std::vector<const acc_t*> probe_rows;            // [rows of a block, P]: where each probe is
   std::vector<acc_t> dots;                         // [kMaxDotGroup, rows of a block, P]
   std::vector<acc_t> bounds;                       // [rows of a block, P]: see entry_bound
   std::vector<RunningTopT<acc_t>> tops;            // per row: its running top t
@@ -85,17 +84,13 @@ void descend_rows_shared(const LevelView<key_t, acc_t>& level, int64_t first_row
     const int64_t parent = pairs[begin].first;
     while (end < pairs.size() && pairs[end].first == parent) ++end;
     const int64_t sharing = static_cast<int64_t>(end - begin);
-    // The probes of the rows sharing this parent, contiguous (a single row's are used in place).
-    const acc_t* probes = level.probes + (first_row + pairs[begin].second) * num_probes * dim;
-    if (sharing > 1) {
-      scratch.probes.resize(sharing * num_probes * dim);
-      for (int64_t q = 0; q < sharing; ++q)
-        std::memcpy(scratch.probes.data() + q * num_probes * dim,
-                    level.probes + (first_row + pairs[begin + q].second) * num_probes * dim,
-                    num_probes * dim * sizeof(acc_t));
-      probes = scratch.probes.data();
-    }
-    scorer.use_probes(probes, sharing * num_probes);
+    // The probes of the rows sharing this parent, read where they are.
+    auto& probe_rows = scratch.probe_rows;
+    probe_rows.resize(sharing * num_probes);
+    for (int64_t q = 0; q < sharing; ++q)
+      for (int64_t p = 0; p < num_probes; ++p)
+        probe_rows[q * num_probes + p] = level.probes + ((first_row + pairs[begin + q].second) * num_probes + p) * dim;
+    scorer.use_probe_rows(probe_rows.data(), sharing * num_probes);
     bounds.resize(sharing * num_probes);
     for (int64_t q = 0; q < sharing; ++q) refresh_bound(q);
     const int64_t first = parent * fanout;

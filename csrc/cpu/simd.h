@@ -105,7 +105,7 @@ inline float vsum(vfloat v) {
 
 #if MLLM_SIMD_WIDTH
 namespace detail {
-// out[x][r] = <rows[r, :], xs[x]> for r < kRows (up to four) and x < kX, each dot product over kS
+// out[x][r] = <rows[r][:dim], xs[x]> for r < kRows (up to four) and x < kX, each dot product over kS
 // accumulators: each load of a row feeds every x, each load (and conversion) of an x every row.
 // Two orders of the same FMAs: with fewer rows than xs the row vectors stay in registers and each
 // x passes through one, otherwise the xs stay and each row passes through; either way the
@@ -114,7 +114,7 @@ namespace detail {
 // it has one accumulator, reduced in vsum4's lane order (the descent groups rows and xs as the
 // work comes, and exact ties must stay ties).
 template <int kRows, int kX, int kS, typename x_t>
-inline void dot_tile(const float* rows, int64_t dim, const x_t* const* xs, float* const* out) {
+inline void dot_tile(const float* const* rows, int64_t dim, const x_t* const* xs, float* const* out) {
   constexpr int W = MLLM_SIMD_WIDTH;
   constexpr bool kRowsStay = kRows > 1 && kRows < kX;
   static_assert(kRows * kX * kS <= 12 && kRows * kX * kS + (kRowsStay ? kRows : kX) + 1 <= 16,
@@ -130,7 +130,7 @@ inline void dot_tile(const float* rows, int64_t dim, const x_t* const* xs, float
     for (int u = 0; u < kS; ++u) {
       if constexpr (kRowsStay) {
         vfloat row[kRows];
-        for (int r = 0; r < kRows; ++r) row[r] = in_register(vload(rows + r * dim + d + u * W));
+        for (int r = 0; r < kRows; ++r) row[r] = in_register(vload(rows[r] + d + u * W));
         for (int x = 0; x < kX; ++x) {
           vfloat xv = vload(xs[x] + d + u * W);
           if constexpr (kRows > 1 && std::is_same_v<x_t, float>) xv = in_register(xv);
@@ -143,7 +143,7 @@ inline void dot_tile(const float* rows, int64_t dim, const x_t* const* xs, float
           if constexpr (kRows > 1 && std::is_same_v<x_t, float>) xv[x] = in_register(xv[x]);
         }
         for (int r = 0; r < kRows; ++r) {
-          vfloat row = vload(rows + r * dim + d + u * W);
+          vfloat row = vload(rows[r] + d + u * W);
           if constexpr (kX > 1) row = in_register(row);
           for (int x = 0; x < kX; ++x) acc[x][r][u] = vfma(row, xv[x], acc[x][r][u]);
         }
@@ -152,7 +152,7 @@ inline void dot_tile(const float* rows, int64_t dim, const x_t* const* xs, float
   for (; d + W <= dim; d += W)
     for (int x = 0; x < kX; ++x) {
       const vfloat xv = vload(xs[x] + d);
-      for (int r = 0; r < kRows; ++r) acc[x][r][0] = vfma(vload(rows + r * dim + d), xv, acc[x][r][0]);
+      for (int r = 0; r < kRows; ++r) acc[x][r][0] = vfma(vload(rows[r] + d), xv, acc[x][r][0]);
     }
   for (int x = 0; x < kX; ++x)
     for (int r = 0; r < kRows; ++r)
@@ -177,7 +177,7 @@ inline void dot_tile(const float* rows, int64_t dim, const x_t* const* xs, float
   }
   for (int x = 0; x < kX; ++x)
     for (int64_t e = d; e < dim; ++e)
-      for (int r = 0; r < kRows; ++r) out[x][r] += rows[r * dim + e] * static_cast<float>(xs[x][e]);
+      for (int r = 0; r < kRows; ++r) out[x][r] += rows[r][e] * static_cast<float>(xs[x][e]);
 }
 
 // The most xs a tile of kRows rows scores in one pass. An FMA has 4 cycles of latency and Zen 4
@@ -191,21 +191,23 @@ constexpr int kTileXs = kRows <= 2 ? 6 : 3;
 // Every row against kX xs, tiling the rows four at a time; a tile whose rows cannot take all kX
 // xs at once takes them in two halves. kSplit (with kX = 1 only): tiles of one or two rows split
 // each dot product over 4 or 2 accumulators, to keep 4 FMAs in flight.
-template <int kX, bool kSplit, typename x_t>
-inline void multi_dot_simd(const float* rows, int64_t num_rows, int64_t dim, const x_t* const* xs, float* const* out) {
+template <int kX, bool kSplit, typename x_t, typename Rows>
+inline void multi_dot_simd(const Rows& rows, int64_t num_rows, int64_t dim, const x_t* const* xs, float* const* out) {
   static_assert(!kSplit || kX == 1, "split accumulators are for one x");
   int64_t p = 0;
   auto tile = [&](auto rows_in_tile) {
     constexpr int R = decltype(rows_in_tile)::value;
     constexpr int S = kSplit ? (R == 1 ? 4 : R == 2 ? 2 : 1) : 1;
+    const float* tile_rows[R];
+    for (int r = 0; r < R; ++r) tile_rows[r] = rows(p + r);
     float* out_p[kX];
     for (int x = 0; x < kX; ++x) out_p[x] = out[x] + p;
     if constexpr (kX > kTileXs<R>) {
       constexpr int kFirst = (kX + 1) / 2;
-      dot_tile<R, kFirst, S>(rows + p * dim, dim, xs, out_p);
-      dot_tile<R, kX - kFirst, S>(rows + p * dim, dim, xs + kFirst, out_p + kFirst);
+      dot_tile<R, kFirst, S>(tile_rows, dim, xs, out_p);
+      dot_tile<R, kX - kFirst, S>(tile_rows, dim, xs + kFirst, out_p + kFirst);
     } else {
-      dot_tile<R, kX, S>(rows + p * dim, dim, xs, out_p);
+      dot_tile<R, kX, S>(tile_rows, dim, xs, out_p);
     }
     p += R;
   };
@@ -221,6 +223,19 @@ inline void multi_dot_simd(const float* rows, int64_t num_rows, int64_t dim, con
 
 #endif
 
+// Where the rows of multi_dot_many are: rows(p) is row p's first element.
+template <typename T>
+struct ContiguousRows {  // [num_rows, dim], row after row
+  const T* base;
+  int64_t dim;
+  const T* operator()(int64_t p) const { return base + p * dim; }
+};
+template <typename T>
+struct GatheredRows {  // anywhere: one pointer per row
+  const T* const* rows;
+  const T* operator()(int64_t p) const { return rows[p]; }
+};
+
 // Whether multi_dot has a SIMD path for keys of type x_t accumulated in acc_t.
 template <typename acc_t, typename x_t>
 constexpr bool kSimdDot = MLLM_SIMD_WIDTH && std::is_same_v<acc_t, float> && !std::is_same_v<x_t, double>;
@@ -228,11 +243,12 @@ constexpr bool kSimdDot = MLLM_SIMD_WIDTH && std::is_same_v<acc_t, float> && !st
 // The most vectors multi_dot_many scores in one pass over the rows.
 constexpr int kMaxDotGroup = 6;
 
-// outs[x][p] = <rows[p, :], xs[x]> for p < num_rows and x < num_xs: the rows are read once per
+// outs[x][p] = <rows(p)[:dim], xs[x]> for p < num_rows and x < num_xs: the rows are read once per
 // group of up to kMaxDotGroup xs, and each x once per tile of rows. A dot product gets the same
-// bits whatever num_xs and its place among the xs. rows: [num_rows, dim] contiguous.
-template <typename acc_t, typename x_t>
-inline void multi_dot_many(const acc_t* rows, int64_t num_rows, int64_t dim, const x_t* const* xs, int64_t num_xs,
+// bits whatever num_xs, its place among the xs and where its row is. rows: ContiguousRows or
+// GatheredRows of acc_t.
+template <typename acc_t, typename x_t, typename Rows>
+inline void multi_dot_many(const Rows& rows, int64_t num_rows, int64_t dim, const x_t* const* xs, int64_t num_xs,
                            acc_t* const* outs) {
 #if MLLM_SIMD_WIDTH
   if constexpr (kSimdDot<acc_t, x_t>) {
@@ -255,7 +271,7 @@ inline void multi_dot_many(const acc_t* rows, int64_t num_rows, int64_t dim, con
   for (int64_t x = 0; x < num_xs; ++x)
     for (int64_t p = 0; p < num_rows; ++p) {
       acc_t sum = 0;
-      const acc_t* row = rows + p * dim;
+      const acc_t* row = rows(p);
       for (int64_t d = 0; d < dim; ++d) sum += row[d] * static_cast<acc_t>(xs[x][d]);
       outs[x][p] = sum;
     }
@@ -264,21 +280,29 @@ inline void multi_dot_many(const acc_t* rows, int64_t num_rows, int64_t dim, con
 // out[p] = <rows[p, :], x> for p < num_rows, reading x once. rows: [num_rows, dim] contiguous.
 template <typename acc_t, typename x_t>
 inline void multi_dot(const acc_t* rows, int64_t num_rows, int64_t dim, const x_t* x, acc_t* out) {
-  multi_dot_many(rows, num_rows, dim, &x, 1, &out);
+#if MLLM_SIMD_WIDTH
+  // Straight to the one-x tiles: through multi_dot_many, the groups of several xs it can never
+  // take here would be compiled too (and trip -Warray-bounds on &x).
+  if constexpr (kSimdDot<acc_t, x_t>) {
+    detail::multi_dot_simd<1, false>(ContiguousRows<float>{rows, dim}, num_rows, dim, &x, &out);
+    return;
+  }
+#endif
+  multi_dot_many(ContiguousRows<acc_t>{rows, dim}, num_rows, dim, &x, 1, &out);
 }
 
-// dots[i * num_rows + p] = <rows[p, :], keys[ids[i], :]> for i < num_ids (at most kMaxDotGroup):
-// multi_dot_many over rows `ids` of a [N, dim] key matrix.
+// dots[i * num_rows + p] = <rows[p][:dim], keys[ids[i], :]> for i < num_ids (at most kMaxDotGroup):
+// multi_dot_many over rows `ids` of a [N, dim] key matrix. rows: num_rows pointers, anywhere.
 template <typename acc_t, typename key_t>
-inline void multi_dot_keys(const acc_t* rows, int64_t num_rows, int64_t dim, const key_t* keys, const int64_t* ids,
-                           int num_ids, acc_t* dots) {
+inline void multi_dot_keys(const acc_t* const* rows, int64_t num_rows, int64_t dim, const key_t* keys,
+                           const int64_t* ids, int num_ids, acc_t* dots) {
   const key_t* key_rows[kMaxDotGroup];
   acc_t* outs[kMaxDotGroup];
   for (int i = 0; i < num_ids; ++i) {
     key_rows[i] = keys + ids[i] * dim;
     outs[i] = dots + i * num_rows;
   }
-  multi_dot_many(rows, num_rows, dim, key_rows, num_ids, outs);
+  multi_dot_many(GatheredRows<acc_t>{rows}, num_rows, dim, key_rows, num_ids, outs);
 }
 
 // out[p] = <rows[p, :], x> for p < num_rows like multi_dot, with each dot product split over
@@ -288,7 +312,8 @@ inline void multi_dot_keys(const acc_t* rows, int64_t num_rows, int64_t dim, con
 template <typename acc_t, typename x_t>
 inline void multi_dot_split(const acc_t* rows, int64_t num_rows, int64_t dim, const x_t* x, acc_t* out) {
 #if MLLM_SIMD_WIDTH
-  if constexpr (kSimdDot<acc_t, x_t>) return detail::multi_dot_simd<1, true>(rows, num_rows, dim, &x, &out);
+  if constexpr (kSimdDot<acc_t, x_t>)
+    return detail::multi_dot_simd<1, true>(ContiguousRows<float>{rows, dim}, num_rows, dim, &x, &out);
 #endif
   multi_dot(rows, num_rows, dim, x, out);
 }
