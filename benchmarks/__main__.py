@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     e2e.add_argument("--no-int8", action="store_true", help="skip the int8-keys rows of the tree")
     e2e.add_argument("--layout", choices=["sampled", "semantic"], default=None, help="leaf layout (default: sampled)")
-    e2e.add_argument("--scratch", default=None, help="folder of the scratch file for large N (default: temp dir)")
+    e2e.add_argument("--scratch", default=None, help="folder of the scratch file for large N, created if missing (default: temp dir)")
     e2e.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     gpu = sub.add_parser("gpu", help="the op cases on CUDA tensors: cold and warm L2, GB/s against the copy bandwidth")
     size = gpu.add_mutually_exclusive_group()

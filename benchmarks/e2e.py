@@ -49,6 +49,7 @@ from .synthetic import (
     clustered_vectors,
     float16_buffer,
     permute_rows,
+    prepare_scratch,
     scratch_path,
     upper_levels,
 )
@@ -910,12 +911,14 @@ def run_e2e(
         layout: ``"sampled"`` (default: ``mllm.layout.sampled_semantic_order``, scales to 1e7) or
             ``"semantic"`` (``mllm.layout.semantic_order``, minutes at 1e6).
         scratch: directory of the scratch file holding large unpermuted leaves (default: the
-            system's temporary directory).
+            system's temporary directory); created if missing.
         int8: also time the tree on int8 keys.
         hnsw: ``(M, efConstruction)`` of the HNSW index; None keeps the preset's (32, 200).
         noise_decay: the data's within-cluster noise spectrum (:class:`DataSpec`); None keeps the
             preset's (isotropic).
     """
+    if scratch is not None:
+        scratch = prepare_scratch(scratch)
     s = PRESETS[preset]
     if sizes:
         s = replace(s, sizes=tuple(int(n) for n in sizes))

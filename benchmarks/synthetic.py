@@ -122,6 +122,18 @@ def noise_shape(spec: DataSpec) -> torch.Tensor | None:
     return std[:, None] * rotation.T
 
 
+def prepare_scratch(directory: str) -> str:
+    """Creates ``directory`` if missing and checks that it can hold a file: at the start of a run,
+    not when the first size that needs a scratch file (1e7 leaves) is reached half an hour in."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        raise ValueError(f"scratch={directory!r} cannot hold the scratch file: {e}") from e
+    return directory
+
+
 def scratch_path(directory: str | None, stem: str) -> str:
     """A fresh file name in ``directory`` (default: the system's temporary directory)."""
     fd, path = tempfile.mkstemp(prefix=f"mllm_e2e_{stem}_", suffix=".npy", dir=directory)

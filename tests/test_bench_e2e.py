@@ -87,6 +87,23 @@ def test_large_n_path_at_a_tiny_size(tmp_path):
     assert any("HNSW skipped" in note for note in entry["notes"])
 
 
+def test_scratch_folder_is_created_or_refused_at_once(tmp_path, monkeypatch):
+    """A missing scratch folder is created; one that cannot hold a file fails before anything is
+    run, naming the argument (not at 1e7 leaves, after the smaller sizes)."""
+    folder = tmp_path / "a" / "b"
+    assert synthetic.prepare_scratch(str(folder)) == str(folder)
+    assert folder.is_dir() and list(folder.iterdir()) == []
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+
+    def run(*args, **kwargs):
+        raise AssertionError("the run started")
+
+    monkeypatch.setattr(e2e, "_run", run)
+    with pytest.raises(ValueError, match="scratch="):
+        e2e.run_e2e("full", scratch=str(not_a_folder), out_dir=None, use_faiss=False, verbose=False)
+
+
 def test_no_faiss_skips_the_columns(tmp_path):
     s = replace(e2e.SMOKE, sweep_t=(2,), main_t=(2,))
     entry = e2e.run_size(1_000, s, threads=1, faiss=None, scratch=None, verbose=False)

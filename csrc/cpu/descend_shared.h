@@ -22,7 +22,7 @@ struct SharedScratch {
   std::vector<int64_t> block_parents;              // the distinct parents, ascending (scan order)
   std::vector<const acc_t*> probe_rows;            // [rows of a block, P]: where each probe is
   std::vector<acc_t> dots;                         // [kMaxDotGroup, rows of a block, P]
-  std::vector<acc_t> bounds;                       // [rows of a block, P]: see entry_bound
+  std::vector<acc_t> bounds;                       // [rows of a block, P]: see refresh_bound
   std::vector<RunningTopT<acc_t>> tops;            // per row: its running top t
 };
 
