@@ -37,22 +37,29 @@ inline void for_each_child(BlockPrefetcher& prefetcher, int64_t row_bytes, int64
   for_each_child(prefetcher, row_bytes, first, last, mask, on_child, [](int64_t) {});
 }
 
+// GroupedDots' buffers, kept by the caller across rows and calls (no allocation per row).
+template <typename acc_t>
+struct GroupedDotsScratch {
+  std::vector<acc_t> dots;                // [kMaxDotGroup, rows] the dot products of a group
+  std::vector<const acc_t*> probe_rows;   // use_probes' row pointers
+};
+
 // Children added here are scored kMaxDotGroup at a time against `num_rows` probe rows
 // (multi_dot_keys shares each probe load between them). on_scored(child, dots) then gets each
 // child's [num_rows] dot products, in the order the children were added; it may change them.
 template <typename key_t, typename acc_t, typename OnScored>
 class GroupedDots {
  public:
-  // keys: [N, dim]; dots: scratch, sized by use_probes.
-  GroupedDots(const key_t* keys, int64_t dim, std::vector<acc_t>& dots, OnScored on_scored)
-      : keys_(keys), dim_(dim), dots_(dots), on_scored_(on_scored) {}
+  // keys: [N, dim].
+  GroupedDots(const key_t* keys, int64_t dim, GroupedDotsScratch<acc_t>& scratch, OnScored on_scored)
+      : keys_(keys), dim_(dim), scratch_(scratch), on_scored_(on_scored) {}
 
   // The probe rows ([num_rows, dim], contiguous) that the children added next are scored
   // against. Only when no child is waiting (before the first add, or after a flush).
   void use_probes(const acc_t* probes, int64_t num_rows) {
-    own_rows_.resize(num_rows);
-    for (int64_t r = 0; r < num_rows; ++r) own_rows_[r] = probes + r * dim_;
-    use_probe_rows(own_rows_.data(), num_rows);
+    scratch_.probe_rows.resize(num_rows);
+    for (int64_t r = 0; r < num_rows; ++r) scratch_.probe_rows[r] = probes + r * dim_;
+    use_probe_rows(scratch_.probe_rows.data(), num_rows);
   }
 
   // use_probes for rows anywhere: rows[r] is row r's first element. The pointers must stay valid
@@ -60,7 +67,7 @@ class GroupedDots {
   void use_probe_rows(const acc_t* const* rows, int64_t num_rows) {
     rows_ = rows;
     num_rows_ = num_rows;
-    dots_.resize(kMaxDotGroup * num_rows);
+    scratch_.dots.resize(kMaxDotGroup * num_rows);
   }
 
   void add(int64_t child) {
@@ -71,17 +78,17 @@ class GroupedDots {
   // Scores the children waiting, if any.
   void flush() {
     if (size_ == 0) return;
-    multi_dot_keys(rows_, num_rows_, dim_, keys_, group_, size_, dots_.data());
-    for (int i = 0; i < size_; ++i) on_scored_(group_[i], dots_.data() + i * num_rows_);
+    acc_t* dots = scratch_.dots.data();
+    multi_dot_keys(rows_, num_rows_, dim_, keys_, group_, size_, dots);
+    for (int i = 0; i < size_; ++i) on_scored_(group_[i], dots + i * num_rows_);
     size_ = 0;
   }
 
  private:
   const key_t* keys_;
   int64_t dim_;
-  std::vector<acc_t>& dots_;
+  GroupedDotsScratch<acc_t>& scratch_;
   OnScored on_scored_;
-  std::vector<const acc_t*> own_rows_;  // use_probes' rows
   const acc_t* const* rows_ = nullptr;
   int64_t num_rows_ = 0;
   int64_t group_[kMaxDotGroup];

@@ -31,7 +31,7 @@ struct LevelView {
 // Per-thread scratch of descend_row, reused across rows and calls.
 template <typename acc_t>
 struct RowScratch {
-  std::vector<acc_t> dots;  // [kMaxDotGroup, P] the probe scores of a group of children
+  GroupedDotsScratch<acc_t> dots;  // the probe scores of a group of children
   Int8Screen screen;        // int8 keys: the row's probes rounded to integer digits
   struct Candidate {
     float upper;  // the child's score bound (+inf: none known)

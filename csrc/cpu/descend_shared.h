@@ -20,8 +20,7 @@ template <typename acc_t>
 struct SharedScratch {
   std::vector<std::pair<int64_t, int64_t>> pairs;  // (parent, row) of every candidate block
   std::vector<int64_t> block_parents;              // the distinct parents, ascending (scan order)
-  std::vector<const acc_t*> probe_rows;            // [rows of a block, P]: where each probe is
-  std::vector<acc_t> dots;                         // [kMaxDotGroup, rows of a block, P]
+  GroupedDotsScratch<acc_t> dots;                  // the scorer's; probe_rows: [rows of a block, P] probes
   std::vector<acc_t> bounds;                       // [rows of a block, P]: see refresh_bound
   std::vector<RunningTopT<acc_t>> tops;            // per row: its running top t
 };
@@ -85,7 +84,7 @@ void descend_rows_shared(const LevelView<key_t, acc_t>& level, int64_t first_row
     while (end < pairs.size() && pairs[end].first == parent) ++end;
     const int64_t sharing = static_cast<int64_t>(end - begin);
     // The probes of the rows sharing this parent, read where they are.
-    auto& probe_rows = scratch.probe_rows;
+    auto& probe_rows = scratch.dots.probe_rows;
     probe_rows.resize(sharing * num_probes);
     for (int64_t q = 0; q < sharing; ++q)
       for (int64_t p = 0; p < num_probes; ++p)

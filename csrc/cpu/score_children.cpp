@@ -67,7 +67,7 @@ std::tuple<at::Tensor, at::Tensor> score_children(const at::Tensor& probes, cons
       const int64_t work = batch * num_parents;
       at::parallel_for(0, work, 1, [&](int64_t begin, int64_t end) {
         const int64_t row_bytes = dim * int64_t(sizeof(key_t));
-        std::vector<acc_t> dots;
+        GroupedDotsScratch<acc_t> dots;
         BlockPrefetcher prefetcher(key_data, fanout * row_bytes, num_nodes * row_bytes, parent_data + begin,
                                    end - begin);
         // The parent being scored: its output slots, and its first child (in slot 0).

@@ -110,9 +110,10 @@ namespace detail {
 // Two orders of the same FMAs: with two or three rows and more xs, the row vectors stay in
 // registers and each x passes through one; otherwise the xs stay and each row passes through (for
 // one row the other order measured 2.7x slower). Either way the accumulators (at most 12) and
-// what stays take at most 15 of the 16 vector registers of AVX2, plus one for what passes. With kS = 1 a dot product's bits do not depend on the tile it is in:
-// it has one accumulator, reduced in vsum4's lane order (the descent groups rows and xs as the
-// work comes, and exact ties must stay ties).
+// what stays take at most 15 of the 16 vector registers of AVX2, plus one for what passes.
+// With kS = 1 a dot product's bits do not depend on the tile it is in: it has one accumulator,
+// reduced in vsum4's lane order (the descent groups rows and xs as the work comes, and exact ties
+// must stay ties).
 template <int kRows, int kX, int kS, typename x_t>
 inline void dot_tile(const float* const* rows, int64_t dim, const x_t* const* xs, float* const* out) {
   constexpr int W = MLLM_SIMD_WIDTH;
@@ -125,6 +126,11 @@ inline void dot_tile(const float* const* rows, int64_t dim, const x_t* const* xs
       for (int u = 0; u < kS; ++u) acc[x][r][u] = vzero();
   // A vector that feeds several FMAs is loaded once (in_register): folded, the compiler would load
   // it again for each (a float32 x, a row); one that feeds one FMA is better folded into it.
+  auto load_x = [&](int x, int64_t at) {
+    vfloat v = vload(xs[x] + at);
+    if constexpr (kRows > 1 && std::is_same_v<x_t, float>) v = in_register(v);
+    return v;
+  };
   int64_t d = 0;
   for (; d + kS * W <= dim; d += kS * W)
     for (int u = 0; u < kS; ++u) {
@@ -132,16 +138,12 @@ inline void dot_tile(const float* const* rows, int64_t dim, const x_t* const* xs
         vfloat row[kRows];
         for (int r = 0; r < kRows; ++r) row[r] = in_register(vload(rows[r] + d + u * W));
         for (int x = 0; x < kX; ++x) {
-          vfloat xv = vload(xs[x] + d + u * W);
-          if constexpr (kRows > 1 && std::is_same_v<x_t, float>) xv = in_register(xv);
+          const vfloat xv = load_x(x, d + u * W);
           for (int r = 0; r < kRows; ++r) acc[x][r][u] = vfma(row[r], xv, acc[x][r][u]);
         }
       } else {
         vfloat xv[kX];
-        for (int x = 0; x < kX; ++x) {
-          xv[x] = vload(xs[x] + d + u * W);
-          if constexpr (kRows > 1 && std::is_same_v<x_t, float>) xv[x] = in_register(xv[x]);
-        }
+        for (int x = 0; x < kX; ++x) xv[x] = load_x(x, d + u * W);
         for (int r = 0; r < kRows; ++r) {
           vfloat row = vload(rows[r] + d + u * W);
           if constexpr (kX > 1) row = in_register(row);
