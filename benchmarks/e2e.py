@@ -33,6 +33,7 @@ from __future__ import annotations
 import gc
 import math
 import resource
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -77,6 +78,9 @@ class E2ESizes:
     # recall@10 then stops near 0.98 (1e5) and 0.8 (1e6) whatever efSearch; 200 reaches 1.0 (1e5).
     hnsw_ef_construction: int = 200
     hnsw_max_n: int = 1_000_000  # HNSW builds take minutes per 1e6 on 2 cores; skipped above
+    # The tree of this many leaves is timed in the same rounds as every larger one (its tree t =
+    # main_t[0]), so that the growth of the latency is a ratio measured side by side.
+    growth_from: int = 100_000
     float32_copy_max_bytes: int = 6 << 30  # larger: faiss flat stores float16 (IndexScalarQuantizer)
     memmap_min_bytes: int = 2 << 30  # larger unpermuted leaves live in a scratch file, not in RAM
     layout: str = "sampled"  # mllm.layout: "sampled": sampled_semantic_order; "semantic": semantic_order
@@ -102,6 +106,7 @@ SMOKE = E2ESizes(
     hnsw_main_ef=16,
     hnsw_m=16,
     hnsw_ef_construction=32,
+    growth_from=1_000,
     min_rounds=1,
     max_rounds=1,
     min_time_s=0.0,
@@ -286,13 +291,15 @@ def _callables(methods: list[Method], queries: torch.Tensor, batch: int):
     return fns
 
 
-def _time(methods: list[Method], queries: torch.Tensor, s: E2ESizes, threads: int) -> None:
-    """Interleaved timing of ``methods`` at every batch size; fills ``method.timings``."""
+def _time(methods: list[Method], queries: torch.Tensor, s: E2ESizes, threads: int) -> dict:
+    """Interleaved timing of ``methods`` at every batch size; fills ``method.timings``. Returns
+    ``{batch: {name: [seconds per call in each round]}}``."""
+    per_round = {}
     for batch in BATCHES:
         if queries.shape[0] < batch:
             continue
         fns = _callables(methods, queries, batch)
-        stats, _ = measure_interleaved(
+        stats, rounds = measure_interleaved(
             fns,
             names=[m.name for m in methods],
             threads=threads,
@@ -304,6 +311,26 @@ def _time(methods: list[Method], queries: torch.Tensor, s: E2ESizes, threads: in
         )
         for m, st in zip(methods, stats):
             m.timings[str(batch)] = st.as_dict()
+        per_round[str(batch)] = {m.name: r for m, r in zip(methods, rounds)}
+    return per_round
+
+
+def _growth(method: Method, base: Method, rounds: dict, base_n: int) -> dict:
+    """How much slower ``method`` is than the same search on the tree of ``base_n`` leaves
+    (``base``), both timed in the same rounds: per batch, the median, smallest and largest of the
+    per-round ratios (a burst of machine noise hits both sides of a round)."""
+    out = {"from_n": base_n, "method": method.name, "batches": {}}
+    for batch, times in rounds.items():
+        ratios = [b / a for a, b in zip(times[base.name], times[method.name]) if a > 0]
+        out["batches"][batch] = {
+            "from_median": base.timings[batch]["median"],
+            "median": method.timings[batch]["median"],
+            "ratio": statistics.median(ratios),
+            "ratio_min": min(ratios),
+            "ratio_max": max(ratios),
+            "rounds": len(ratios),
+        }
+    return out
 
 
 def _interp_latency(points: list[tuple[float, float]], target: float) -> tuple[float | None, str]:
@@ -363,23 +390,18 @@ def _layout(x: torch.Tensor, s: E2ESizes) -> torch.Tensor:
     return sampled_semantic_order(x, FANOUT)
 
 
-def run_size(n: int, s: E2ESizes, *, threads: int, faiss, scratch: str | None, verbose: bool) -> dict:
-    """Build the data, the tree and the baselines for ``n`` leaves; time and score them."""
+def build_tree(n: int, s: E2ESizes, *, scratch: str | None, build: dict, verbose: bool):
+    """The data and the tree of ``n`` leaves: ``(source, levels, queries)``. ``levels`` are the
+    tree's float16 keys, top to bottom (``levels[-1]`` = the leaves in the semantic layout);
+    ``source`` is the unpermuted leaves when they live in a scratch file (large ``n``), else None;
+    ``queries`` are the held-out queries (the same for every ``n``). Fills the timings of ``build``."""
     d = s.data.d
-    entry: dict = {"n": n, "build": {}, "notes": []}
-    build = entry["build"]
-
     start = time.perf_counter()
     in_file = n * d * 2 >= s.memmap_min_bytes
     source = float16_buffer(n, d, scratch_path(scratch, f"leaves_{n}") if in_file else None)
     clustered_vectors(s.data, n, stream=0, out=source)
     queries = clustered_vectors(s.data, s.queries, stream=1, out=torch.empty(s.queries, d))
     build["data_s"] = time.perf_counter() - start
-    if in_file:
-        entry["notes"].append(
-            f"the unpermuted leaves ({n * d * 2 / 1e9:.1f} GB) live in an unlinked scratch file (page cache, "
-            "not counted in the process's RSS); the permuted leaves the tree and flat search use are in RAM"
-        )
     _log(verbose, f"N={n:,}: data {build['data_s']:.1f} s; layout ...")
 
     start = time.perf_counter()
@@ -391,10 +413,35 @@ def run_size(n: int, s: E2ESizes, *, threads: int, faiss, scratch: str | None, v
     levels = upper_levels(leaves, FANOUT)
     build["levels_s"] = time.perf_counter() - start
     build["tree_s"] = build["layout_s"] + build["levels_s"]
+    return (source if in_file else None), levels, queries
+
+
+def run_size(
+    n: int,
+    s: E2ESizes,
+    *,
+    threads: int,
+    faiss,
+    scratch: str | None,
+    verbose: bool,
+    growth_from: list[torch.Tensor] | None = None,
+) -> dict:
+    """Build the data, the tree and the baselines for ``n`` leaves; time and score them.
+
+    ``growth_from``: the levels of the tree of ``s.growth_from`` leaves; its ``descend_tree`` is
+    timed in the same rounds as this size's (``entry["growth"]``)."""
+    entry: dict = {"n": n, "build": {}, "notes": []}
+    build = entry["build"]
+    source, levels, queries = build_tree(n, s, scratch=scratch, build=build, verbose=verbose)
+    leaves = levels[-1]
+    in_file = source is not None
+    if in_file:
+        entry["notes"].append(
+            f"the unpermuted leaves ({leaves.numel() * 2 / 1e9:.1f} GB) live in an unlinked scratch file (page cache, "
+            "not counted in the process's RSS); the permuted leaves the tree and flat search use are in RAM"
+        )
     entry["levels"] = [lv.shape[0] for lv in levels]
-    del perm
-    if not in_file:
-        source = None  # faiss reads the permuted leaves instead
+    d = leaves.shape[1]
     gc.collect()
 
     flat = FlatSearch(leaves)
@@ -448,9 +495,16 @@ def run_size(n: int, s: E2ESizes, *, threads: int, faiss, scratch: str | None, v
     for m in methods:
         m.recall = _recall(exact_scores(leaves, queries, _ids_of(m, queries)), exact)
     _log(verbose, "  recall@10: " + ", ".join(f"{m.name} {m.recall:.3f}" for m in methods))
-    _time(methods, queries, s, threads)
+    base = None
+    if growth_from is not None:
+        t = s.main_t[0]
+        base = Method(f"tree t={t}, {_n(s.growth_from)} leaves", "growth base", t, tree_search(growth_from, t))
+    rounds = _time(methods + ([base] if base else []), queries, s, threads)
     for m in methods:
         _log(verbose, f"  {m.name}: {_brief(m.timings)}")
+    if base is not None:
+        entry["growth"] = _growth(methods[ts.index(s.main_t[0])], base, rounds, s.growth_from)
+        _log(verbose, f"  {base.name}: {_brief(base.timings)}")
 
     entry["methods"] = [m.as_dict() for m in methods]
     entry["matched"] = _matched(methods)
@@ -564,13 +618,28 @@ def targets(results: dict) -> list[dict]:
             "status": _status(tree1, None if tree1 is None else tree1 < 1e-3),
         }
     )
+    side = big.get("growth") if big else None
+    if side is not None and (side["from_n"], side["method"]) != (100_000, tree):
+        side = None
     for batch in BATCHES:
+        # Side by side (both trees in the same rounds) where measured; else the two sizes' own runs,
+        # minutes apart on a machine whose speed drifts.
         a, b = _median(mid, tree, batch), _median(big, tree, batch)
-        growth = b / a if a and b else None
+        apart = f"{b / a:.2f}x in separate runs ({a * 1e3:.3f} -> {b * 1e3:.3f} ms)" if a and b else None
+        g = side["batches"].get(str(batch)) if side else None
+        if g is not None:
+            growth = g["ratio"]
+            measured = (
+                f"{growth:.2f}x timed side by side ({g['from_median'] * 1e3:.3f} -> {g['median'] * 1e3:.3f} ms; "
+                f"{g['ratio_min']:.2f}x-{g['ratio_max']:.2f}x over {g['rounds']} rounds)"
+                + (f"; {apart}" if apart else "")
+            )
+        else:
+            growth, measured = (b / a if a and b else None), apart
         rows.append(
             {
                 "target": f"descend_tree (t=8), B={batch}: latency grows at most 2.5x from 1e5 to 1e7 leaves",
-                "measured": None if growth is None else f"{growth:.2f}x ({a * 1e3:.3f} -> {b * 1e3:.3f} ms)",
+                "measured": measured,
                 "status": _status(growth, None if growth is None else growth <= 2.5),
             }
         )
@@ -748,6 +817,21 @@ def matched_table(results: dict) -> str:
     return "\n".join(rows) + "\n" if any_rows else "(no HNSW runs)\n"
 
 
+def growth_table(results: dict) -> str:
+    rows = [
+        "| N | method | B | latency | same method on | its latency | growth (median of rounds) | range over rounds |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for e in results["sizes"]:
+        g = e.get("growth")
+        for batch, r in (g["batches"].items() if g else ()):
+            rows.append(
+                f"| {_n(e['n'])} | {g['method']} | {batch} | {_fmt_s(r['median'])} | {_n(g['from_n'])} leaves "
+                f"| {_fmt_s(r['from_median'])} | {r['ratio']:.2f}x | {r['ratio_min']:.2f}x-{r['ratio_max']:.2f}x |"
+            )
+    return "\n".join(rows) + "\n" if len(rows) > 2 else "(no size above the growth base)\n"
+
+
 def overhead_table(results: dict) -> str:
     over = results.get("overhead")
     if not over:
@@ -775,6 +859,11 @@ def markdown(results: dict) -> str:
         header_markdown(results),
         "## Targets (issue 5)\n\n" + targets_markdown(results),
         "## Latency and recall@10\n\n" + main_table(results),
+        "## Growth of the latency, timed side by side\n\n"
+        f"The tree of {_n(results['config']['growth_from'])} leaves is searched in the same rounds as each "
+        "larger one, so that the ratio is measured side by side (the machine's speed drifts over the "
+        "minutes between sizes).\n\n"
+        + growth_table(results),
         "## Build\n\n" + build_table(results),
         "## Recall / latency trade-off (tree t, HNSW efSearch)\n\n" + sweep_table(results),
         "## Tree vs HNSW at matched recall@10\n\n"
@@ -966,8 +1055,14 @@ def _run(s: E2ESizes, preset: str, threads: int, faiss, why: str | None, out_dir
     results = {"preset": preset, "machine": machine, "config": config, "sizes": [], "notes": notes}
     _log(verbose, "per-call overhead of descend ...")
     results["overhead"] = measure_overhead(s, threads)
+    base_levels = None
+    if any(n > s.growth_from for n in s.sizes):
+        _log(verbose, f"the tree of {s.growth_from:,} leaves, timed beside every larger one ...")
+        base_levels = build_tree(s.growth_from, s, scratch=scratch, build={}, verbose=False)[1]
     for i, n in enumerate(s.sizes):
-        results["sizes"].append(run_size(n, s, threads=threads, faiss=faiss, scratch=scratch, verbose=verbose))
+        growth_from = base_levels if n > s.growth_from else None
+        entry = run_size(n, s, threads=threads, faiss=faiss, scratch=scratch, verbose=verbose, growth_from=growth_from)
+        results["sizes"].append(entry)
         gc.collect()
         results["targets"] = targets(results)
         results["loadavg_end"] = report.loadavg()

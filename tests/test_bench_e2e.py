@@ -60,6 +60,14 @@ def test_smoke_run_writes_files_and_sane_recalls(tmp_path):
             assert entry["matched"] and all(r["B"] in (1, 64) for r in entry["matched"])
         else:
             assert not _by_family(entry, "hnsw")
+    small, large = data["sizes"]
+    assert "growth" not in small  # the growth base itself
+    growth = large["growth"]
+    assert growth["from_n"] == e2e.SMOKE.growth_from and growth["method"] == f"tree t={e2e.SMOKE.main_t[0]}"
+    for batch, g in growth["batches"].items():
+        (tree,) = [m for m in trees if m["name"] == growth["method"]]
+        assert g["median"] == tree["timings"][batch]["median"]
+        assert g["rounds"] >= 1 and 0 < g["ratio_min"] <= g["ratio"] <= g["ratio_max"]
     statuses = {t["target"]: t["status"] for t in data["targets"]}
     assert len(statuses) == 7
     assert sum(s == "not measured" for s in statuses.values()) == 6  # only the overhead is measured
@@ -108,6 +116,35 @@ def test_no_faiss_skips_the_columns(tmp_path):
     s = replace(e2e.SMOKE, sweep_t=(2,), main_t=(2,))
     entry = e2e.run_size(1_000, s, threads=1, faiss=None, scratch=None, verbose=False)
     assert [m["family"] for m in entry["methods"] if m["family"] != "tree int8"] == ["tree", "flat"]
+
+
+def _timed(name, b1, b64):
+    return {"name": name, "timings": {"1": {"median": b1}, "64": {"median": b64}}}
+
+
+def test_growth_target_prefers_the_side_by_side_ratio():
+    """The growth targets read the ratio timed side by side at 1e7 leaves (here 2.0x, met), and
+    show beside it the ratio of the two sizes' own runs (here 3.0x)."""
+    side = {"1": {"ratio": 2.0, "ratio_min": 1.5, "ratio_max": 2.4, "rounds": 5, "from_median": 1e-4, "median": 2e-4}}
+    side["64"] = {**side["1"], "ratio": 2.6}  # not met
+    results = {
+        "sizes": [
+            {"n": 100_000, "methods": [_timed("tree t=8", 1e-4, 1e-3)]},
+            {
+                "n": 10_000_000,
+                "methods": [_timed("tree t=8", 3e-4, 3e-3)],
+                "growth": {"from_n": 100_000, "method": "tree t=8", "batches": side},
+            },
+        ]
+    }
+    rows = {r["target"].split(": latency grows")[0]: r for r in e2e.targets(results) if "grows" in r["target"]}
+    one, batch = rows["descend_tree (t=8), B=1"], rows["descend_tree (t=8), B=64"]
+    assert one["status"] == "met" and batch["status"] == "not met"
+    assert one["measured"].startswith("2.00x timed side by side") and "3.00x in separate runs" in one["measured"]
+    del results["sizes"][1]["growth"]  # no side-by-side figure: the separate runs decide
+    rows = [r for r in e2e.targets(results) if "grows" in r["target"]]
+    assert [r["status"] for r in rows] == ["not met", "not met"]
+    assert rows[0]["measured"].startswith("3.00x in separate runs")
 
 
 def test_upper_levels_are_normalised_child_means():
