@@ -250,16 +250,19 @@ inline __m256i add_into(__m256i acc, __m256i v) {
   return acc;
 }
 
-// sums[8 * r + j] = sum_d keys[j][d] * digits[r * stride + d] for 8 key rows j and r < kProbes;
+// Lane j of dots[r] = sum_d keys[j][d] * digits[r * stride + d] for 8 key rows j and r < kProbes;
 // int32, exact (see screen_digit_max). The keys are sign-extended to int16 16 at a time and
 // shared by the probes: chunks of 8 / kProbes keys (kProbes rounded up to a power of two) keep
 // kProbes * keys = 8 int32 accumulators, so that no register spills. The keys' last partial step
-// is copied to a zeroed buffer (AVX2 has no masked load; the digits are zero past dim).
+// is copied to a zeroed buffer (AVX2 has no masked load; the digits are zero past dim). The sums
+// stay in registers: written to memory in pieces and read back as vectors, they stalled the
+// reads (a failed store-to-load forward, 17% of a one-probe descend's time).
 template <int kProbes>
 __attribute__((always_inline)) inline void screen_dots(const int8_t* const* keys, const int16_t* digits, int64_t stride,
-                                                       int64_t dim, int32_t* sums) {
+                                                       int64_t dim, __m256i* dots) {
   constexpr int kChunkKeys = kProbes == 1 ? 8 : kProbes == 2 ? 4 : 2;
   const int64_t whole = dim / 16 * 16;
+  __m256i sums[8 / kChunkKeys];  // sums[c / kChunkKeys], lane r * kChunkKeys + j: key c + j, probe r
   for (int c = 0; c < 8; c += kChunkKeys) {
     __m256i acc[8];  // acc[r * kChunkKeys + j]: key c + j, probe r
     for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_si256();
@@ -289,9 +292,21 @@ __attribute__((always_inline)) inline void screen_dots(const int8_t* const* keys
       }
       step(rows, whole, 0);
     }
-    alignas(32) int32_t lanes[8];  // lane r * kChunkKeys + j
-    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), reduce8_epi32(acc));
-    for (int r = 0; r < kProbes; ++r) std::memcpy(sums + 8 * r + c, lanes + r * kChunkKeys, sizeof(int32_t) * kChunkKeys);
+    sums[c / kChunkKeys] = reduce8_epi32(acc);
+  }
+  if constexpr (kChunkKeys == 8) {
+    dots[0] = sums[0];
+  } else if constexpr (kChunkKeys == 4) {  // sums[i]: [probe 0 | probe 1] of keys 4i .. 4i + 3
+    dots[0] = _mm256_permute2x128_si256(sums[0], sums[1], 0x20);
+    dots[1] = _mm256_permute2x128_si256(sums[0], sums[1], 0x31);
+  } else {  // sums[i]: [probe 0, probe 1 | probe 2, probe 3] of keys 2i, 2i + 1
+    // [probe 0 | probe 2] and [probe 1 | probe 3] of keys 0..3 (lo) and 4..7 (hi)
+    const __m256i even_lo = _mm256_unpacklo_epi64(sums[0], sums[1]), odd_lo = _mm256_unpackhi_epi64(sums[0], sums[1]);
+    const __m256i even_hi = _mm256_unpacklo_epi64(sums[2], sums[3]), odd_hi = _mm256_unpackhi_epi64(sums[2], sums[3]);
+    dots[0] = _mm256_permute2x128_si256(even_lo, even_hi, 0x20);
+    dots[1] = _mm256_permute2x128_si256(odd_lo, odd_hi, 0x20);
+    if constexpr (kProbes > 2) dots[2] = _mm256_permute2x128_si256(even_lo, even_hi, 0x31);
+    if constexpr (kProbes > 3) dots[3] = _mm256_permute2x128_si256(odd_lo, odd_hi, 0x31);
   }
 }
 
@@ -423,13 +438,12 @@ class Int8Screen {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     __m256 pos = _mm256_set1_ps(-INFINITY), neg = _mm256_set1_ps(-INFINITY);
     __m256 pos_lower = _mm256_set1_ps(-INFINITY), neg_lower = _mm256_set1_ps(-INFINITY);
-    alignas(32) int32_t sums[4 * kKeys];  // sums[8 * r + j]: key j, probe p0 + r
+    __m256i dots[4];  // lane j of dots[r]: key j, probe p0 + r
     for (int64_t p0 = 0; p0 < num_probes_; p0 += 4) {
-      probe_block_dots(keys, p0, sums);
+      probe_block_dots(keys, p0, dots);
       for (int64_t r = 0; r < std::min<int64_t>(4, num_probes_ - p0); ++r) {
         const __m256 slack = _mm256_set1_ps(slack_[p0 + r]);
-        const __m256i dots = _mm256_load_si256(reinterpret_cast<const __m256i*>(sums + 8 * r));
-        const __m256 a = _mm256_mul_ps(_mm256_set1_ps(scale_[p0 + r]), _mm256_cvtepi32_ps(dots));
+        const __m256 a = _mm256_mul_ps(_mm256_set1_ps(scale_[p0 + r]), _mm256_cvtepi32_ps(dots[r]));
         const __m256 margin = _mm256_mul_ps(_mm256_add_ps(_mm256_andnot_ps(sign, a), slack), _mm256_set1_ps(0x1p-20f));
         pos = _mm256_max_ps(pos, _mm256_add_ps(_mm256_add_ps(slack, a), margin));
         neg = _mm256_max_ps(neg, _mm256_add_ps(_mm256_sub_ps(slack, a), margin));
@@ -469,7 +483,13 @@ class Int8Screen {
 #if MLLM_INT8_SCREEN
   // The dot products of the kKeys rows `keys` with the digits of the block of (up to) four probes
   // from p0, in screen_dots' layout.
-  void probe_block_dots(const int8_t* const* keys, int64_t p0, int32_t* sums) const {
+#if MLLM_INT8_SCREEN == MLLM_SCREEN_AVX2
+  using BlockDots = __m256i;
+  __attribute__((always_inline))
+#else
+  using BlockDots = int32_t;
+#endif
+  void probe_block_dots(const int8_t* const* keys, int64_t p0, BlockDots* sums) const {
     const ScreenDigit* digits = digits_.data() + p0 * stride_;
     switch (std::min<int64_t>(4, num_probes_ - p0)) {
       case 4: detail::screen_dots<4>(keys, digits, stride_, dim_, sums); break;
