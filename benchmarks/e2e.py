@@ -78,9 +78,10 @@ class E2ESizes:
     # recall@10 then stops near 0.98 (1e5) and 0.8 (1e6) whatever efSearch; 200 reaches 1.0 (1e5).
     hnsw_ef_construction: int = 200
     hnsw_max_n: int = 1_000_000  # HNSW builds take minutes per 1e6 on 2 cores; skipped above
-    # The tree of this many leaves is timed in the same rounds as every larger one (its tree t =
+    # The tree of this many leaves and every larger one are timed in alternating rounds (tree t =
     # main_t[0]), so that the growth of the latency is a ratio measured side by side.
     growth_from: int = 100_000
+    growth_rounds: int = 12
     float32_copy_max_bytes: int = 6 << 30  # larger: faiss flat stores float16 (IndexScalarQuantizer)
     memmap_min_bytes: int = 2 << 30  # larger unpermuted leaves live in a scratch file, not in RAM
     layout: str = "sampled"  # mllm.layout: "sampled": sampled_semantic_order; "semantic": semantic_order
@@ -107,6 +108,7 @@ SMOKE = E2ESizes(
     hnsw_m=16,
     hnsw_ef_construction=32,
     growth_from=1_000,
+    growth_rounds=2,
     min_rounds=1,
     max_rounds=1,
     min_time_s=0.0,
@@ -315,11 +317,19 @@ def _time(methods: list[Method], queries: torch.Tensor, s: E2ESizes, threads: in
     return per_round
 
 
-def _growth(method: Method, base: Method, rounds: dict, base_n: int) -> dict:
-    """How much slower ``method`` is than the same search on the tree of ``base_n`` leaves
-    (``base``), both timed in the same rounds: per batch, the median, smallest and largest of the
-    per-round ratios (a burst of machine noise hits both sides of a round)."""
-    out = {"from_n": base_n, "method": method.name, "batches": {}}
+def _growth(
+    levels: list[torch.Tensor], base_levels: list[torch.Tensor], queries: torch.Tensor, s: E2ESizes, threads: int
+) -> dict:
+    """How much slower the tree search (t = ``s.main_t[0]``) is on ``levels`` than on the tree of
+    ``s.growth_from`` leaves (``base_levels``), the two timed alone in ``s.growth_rounds``
+    alternating rounds: per batch, both medians and the median, smallest and largest of the
+    per-round ratios (a burst of machine noise hits both sides of a round). In the rounds of all
+    the methods, the 8 s calls of flat search at 1e7 leaves would leave 3 rounds."""
+    t = s.main_t[0]
+    method = Method(f"tree t={t}", "tree", t, tree_search(levels, t))
+    base = Method(f"tree t={t}, {_n(s.growth_from)} leaves", "tree", t, tree_search(base_levels, t))
+    rounds = _time([method, base], queries, replace(s, min_rounds=s.growth_rounds, max_rounds=s.growth_rounds), threads)
+    out = {"from_n": s.growth_from, "method": method.name, "batches": {}}
     for batch, times in rounds.items():
         ratios = [b / a for a, b in zip(times[base.name], times[method.name]) if a > 0]
         out["batches"][batch] = {
@@ -428,8 +438,8 @@ def run_size(
 ) -> dict:
     """Build the data, the tree and the baselines for ``n`` leaves; time and score them.
 
-    ``growth_from``: the levels of the tree of ``s.growth_from`` leaves; its ``descend_tree`` is
-    timed in the same rounds as this size's (``entry["growth"]``)."""
+    ``growth_from``: the levels of the tree of ``s.growth_from`` leaves, timed beside this size's
+    tree (``entry["growth"]``, see :func:`_growth`)."""
     entry: dict = {"n": n, "build": {}, "notes": []}
     build = entry["build"]
     source, levels, queries = build_tree(n, s, scratch=scratch, build=build, verbose=verbose)
@@ -495,16 +505,12 @@ def run_size(
     for m in methods:
         m.recall = _recall(exact_scores(leaves, queries, _ids_of(m, queries)), exact)
     _log(verbose, "  recall@10: " + ", ".join(f"{m.name} {m.recall:.3f}" for m in methods))
-    base = None
-    if growth_from is not None:
-        t = s.main_t[0]
-        base = Method(f"tree t={t}, {_n(s.growth_from)} leaves", "growth base", t, tree_search(growth_from, t))
-    rounds = _time(methods + ([base] if base else []), queries, s, threads)
+    _time(methods, queries, s, threads)
     for m in methods:
         _log(verbose, f"  {m.name}: {_brief(m.timings)}")
-    if base is not None:
-        entry["growth"] = _growth(methods[ts.index(s.main_t[0])], base, rounds, s.growth_from)
-        _log(verbose, f"  {base.name}: {_brief(base.timings)}")
+    if growth_from is not None:
+        g = entry["growth"] = _growth(levels, growth_from, queries, s, threads)
+        _log(verbose, "  growth from " + ", ".join(f"{_n(s.growth_from)}: B={b} {r['ratio']:.2f}x" for b, r in g["batches"].items()))
 
     entry["methods"] = [m.as_dict() for m in methods]
     entry["matched"] = _matched(methods)
@@ -860,9 +866,9 @@ def markdown(results: dict) -> str:
         "## Targets (issue 5)\n\n" + targets_markdown(results),
         "## Latency and recall@10\n\n" + main_table(results),
         "## Growth of the latency, timed side by side\n\n"
-        f"The tree of {_n(results['config']['growth_from'])} leaves is searched in the same rounds as each "
-        "larger one, so that the ratio is measured side by side (the machine's speed drifts over the "
-        "minutes between sizes).\n\n"
+        f"The tree of {_n(results['config']['growth_from'])} leaves and each larger one are timed in "
+        f"{results['config']['growth_rounds']} alternating rounds of their own, so that the ratio is measured "
+        "side by side (the machine's speed drifts over the minutes between sizes).\n\n"
         + growth_table(results),
         "## Build\n\n" + build_table(results),
         "## Recall / latency trade-off (tree t, HNSW efSearch)\n\n" + sweep_table(results),

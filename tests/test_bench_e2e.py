@@ -64,10 +64,10 @@ def test_smoke_run_writes_files_and_sane_recalls(tmp_path):
     assert "growth" not in small  # the growth base itself
     growth = large["growth"]
     assert growth["from_n"] == e2e.SMOKE.growth_from and growth["method"] == f"tree t={e2e.SMOKE.main_t[0]}"
-    for batch, g in growth["batches"].items():
-        (tree,) = [m for m in trees if m["name"] == growth["method"]]
-        assert g["median"] == tree["timings"][batch]["median"]
-        assert g["rounds"] >= 1 and 0 < g["ratio_min"] <= g["ratio"] <= g["ratio_max"]
+    assert set(growth["batches"]) == {"1", "64"}
+    for g in growth["batches"].values():
+        assert g["median"] > 0 and g["from_median"] > 0
+        assert g["rounds"] == e2e.SMOKE.growth_rounds and 0 < g["ratio_min"] <= g["ratio"] <= g["ratio_max"]
     statuses = {t["target"]: t["status"] for t in data["targets"]}
     assert len(statuses) == 7
     assert sum(s == "not measured" for s in statuses.values()) == 6  # only the overhead is measured
