@@ -628,8 +628,8 @@ def targets(results: dict) -> list[dict]:
     if side is not None and (side["from_n"], side["method"]) != (100_000, tree):
         side = None
     for batch in BATCHES:
-        # Side by side (both trees in the same rounds) where measured; else the two sizes' own runs,
-        # minutes apart on a machine whose speed drifts.
+        # Side by side (the two trees in alternating rounds) where measured; else the two sizes' own
+        # runs, minutes apart on a machine whose speed drifts.
         a, b = _median(mid, tree, batch), _median(big, tree, batch)
         apart = f"{b / a:.2f}x in separate runs ({a * 1e3:.3f} -> {b * 1e3:.3f} ms)" if a and b else None
         g = side["batches"].get(str(batch)) if side else None
