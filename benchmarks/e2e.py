@@ -33,7 +33,6 @@ from __future__ import annotations
 import gc
 import math
 import resource
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -54,7 +53,7 @@ from .synthetic import (
     scratch_path,
     upper_levels,
 )
-from .timing import measure_interleaved
+from .timing import compare, measure_interleaved
 
 K = 10  # recall@K, and the leaves every method returns
 FANOUT = 64
@@ -293,15 +292,13 @@ def _callables(methods: list[Method], queries: torch.Tensor, batch: int):
     return fns
 
 
-def _time(methods: list[Method], queries: torch.Tensor, s: E2ESizes, threads: int) -> dict:
-    """Interleaved timing of ``methods`` at every batch size; fills ``method.timings``. Returns
-    ``{batch: {name: [seconds per call in each round]}}``."""
-    per_round = {}
+def _time(methods: list[Method], queries: torch.Tensor, s: E2ESizes, threads: int) -> None:
+    """Interleaved timing of ``methods`` at every batch size; fills ``method.timings``."""
     for batch in BATCHES:
         if queries.shape[0] < batch:
             continue
         fns = _callables(methods, queries, batch)
-        stats, rounds = measure_interleaved(
+        stats, _ = measure_interleaved(
             fns,
             names=[m.name for m in methods],
             threads=threads,
@@ -313,8 +310,6 @@ def _time(methods: list[Method], queries: torch.Tensor, s: E2ESizes, threads: in
         )
         for m, st in zip(methods, stats):
             m.timings[str(batch)] = st.as_dict()
-        per_round[str(batch)] = {m.name: r for m, r in zip(methods, rounds)}
-    return per_round
 
 
 def _growth(
@@ -326,19 +321,30 @@ def _growth(
     per-round ratios (a burst of machine noise hits both sides of a round). In the rounds of all
     the methods, the 8 s calls of flat search at 1e7 leaves would leave 3 rounds."""
     t = s.main_t[0]
-    method = Method(f"tree t={t}", "tree", t, tree_search(levels, t))
-    base = Method(f"tree t={t}, {_n(s.growth_from)} leaves", "tree", t, tree_search(base_levels, t))
-    rounds = _time([method, base], queries, replace(s, min_rounds=s.growth_rounds, max_rounds=s.growth_rounds), threads)
-    out = {"from_n": s.growth_from, "method": method.name, "batches": {}}
-    for batch, times in rounds.items():
-        ratios = [b / a for a, b in zip(times[base.name], times[method.name]) if a > 0]
-        out["batches"][batch] = {
-            "from_median": base.timings[batch]["median"],
-            "median": method.timings[batch]["median"],
-            "ratio": statistics.median(ratios),
-            "ratio_min": min(ratios),
-            "ratio_max": max(ratios),
-            "rounds": len(ratios),
+    trees = [Method(f"tree t={t}", "tree", t, tree_search(lv, t)) for lv in (base_levels, levels)]
+    out = {"from_n": s.growth_from, "method": trees[1].name, "batches": {}}
+    for batch in BATCHES:
+        if queries.shape[0] < batch:
+            continue
+        base, larger = _callables(trees, queries, batch)
+        # compare's "speed-up" of the base tree over this size's is the growth.
+        r = compare(
+            base,
+            larger,
+            threads=threads,
+            min_rounds=s.growth_rounds,
+            max_rounds=s.growth_rounds,
+            min_time_s=s.min_time_s,
+            max_time_s=s.max_time_s,
+            block_s=s.block_s,
+        )
+        out["batches"][str(batch)] = {
+            "from_median": r["kernel"]["median"],
+            "median": r["reference"]["median"],
+            "ratio": r["speedup_round_median"],
+            "ratio_min": r["speedup_min"],
+            "ratio_max": r["speedup_max"],
+            "rounds": r["kernel"]["blocks"],
         }
     return out
 
@@ -451,7 +457,7 @@ def run_size(
             "not counted in the process's RSS); the permuted leaves the tree and flat search use are in RAM"
         )
     entry["levels"] = [lv.shape[0] for lv in levels]
-    d = leaves.shape[1]
+    d = s.data.d
     gc.collect()
 
     flat = FlatSearch(leaves)

@@ -488,13 +488,13 @@ class Int8Screen {
 #else
   using BlockDots = int32_t;
 #endif
-  __attribute__((always_inline)) void probe_block_dots(const int8_t* const* keys, int64_t p0, BlockDots* sums) const {
+  __attribute__((always_inline)) void probe_block_dots(const int8_t* const* keys, int64_t p0, BlockDots* out) const {
     const ScreenDigit* digits = digits_.data() + p0 * stride_;
     switch (std::min<int64_t>(4, num_probes_ - p0)) {
-      case 4: detail::screen_dots<4>(keys, digits, stride_, dim_, sums); break;
-      case 3: detail::screen_dots<3>(keys, digits, stride_, dim_, sums); break;
-      case 2: detail::screen_dots<2>(keys, digits, stride_, dim_, sums); break;
-      default: detail::screen_dots<1>(keys, digits, stride_, dim_, sums); break;
+      case 4: detail::screen_dots<4>(keys, digits, stride_, dim_, out); break;
+      case 3: detail::screen_dots<3>(keys, digits, stride_, dim_, out); break;
+      case 2: detail::screen_dots<2>(keys, digits, stride_, dim_, out); break;
+      default: detail::screen_dots<1>(keys, digits, stride_, dim_, out); break;
     }
   }
 #endif
