@@ -292,22 +292,25 @@ def _callables(methods: list[Method], queries: torch.Tensor, batch: int):
     return fns
 
 
+def _rounds(s: E2ESizes, threads: int, rounds: int | None = None) -> dict:
+    """measure_interleaved's settings of the preset ``s`` (``rounds``: exactly that many)."""
+    return {
+        "threads": threads,
+        "min_rounds": s.min_rounds if rounds is None else rounds,
+        "max_rounds": s.max_rounds if rounds is None else rounds,
+        "min_time_s": s.min_time_s,
+        "max_time_s": s.max_time_s,
+        "block_s": s.block_s,
+    }
+
+
 def _time(methods: list[Method], queries: torch.Tensor, s: E2ESizes, threads: int) -> None:
     """Interleaved timing of ``methods`` at every batch size; fills ``method.timings``."""
     for batch in BATCHES:
         if queries.shape[0] < batch:
             continue
         fns = _callables(methods, queries, batch)
-        stats, _ = measure_interleaved(
-            fns,
-            names=[m.name for m in methods],
-            threads=threads,
-            min_rounds=s.min_rounds,
-            max_rounds=s.max_rounds,
-            min_time_s=s.min_time_s,
-            max_time_s=s.max_time_s,
-            block_s=s.block_s,
-        )
+        stats, _ = measure_interleaved(fns, names=[m.name for m in methods], **_rounds(s, threads))
         for m, st in zip(methods, stats):
             m.timings[str(batch)] = st.as_dict()
 
@@ -328,16 +331,7 @@ def _growth(
             continue
         base, larger = _callables(trees, queries, batch)
         # compare's "speed-up" of the base tree over this size's is the growth.
-        r = compare(
-            base,
-            larger,
-            threads=threads,
-            min_rounds=s.growth_rounds,
-            max_rounds=s.growth_rounds,
-            min_time_s=s.min_time_s,
-            max_time_s=s.max_time_s,
-            block_s=s.block_s,
-        )
+        r = compare(base, larger, **_rounds(s, threads, s.growth_rounds))
         out["batches"][str(batch)] = {
             "from_median": r["kernel"]["median"],
             "median": r["reference"]["median"],
