@@ -28,6 +28,20 @@ struct LevelView {
   bool lse;
 };
 
+// Per-thread scratch of descend_row, reused across rows and calls.
+template <typename acc_t>
+struct RowScratch {
+  GroupedDotsScratch<acc_t> dots;  // the probe scores of a group of children
+  Int8Screen screen;        // int8 keys: the row's probes rounded to integer digits
+  struct Candidate {
+    float upper;  // the child's score bound (+inf: none known)
+    int64_t child;
+  };
+  std::vector<Candidate> candidates;  // int8 keys: the children the screen could not rule out
+  std::vector<float> lower_scores;    // [t] int8 keys: the t best lower bounds of the screened children
+  std::vector<int64_t> lower_ids;     // [t]
+};
+
 // Whether parents[j] already appears in parents[0 .. j) (its children were offered already).
 inline bool repeats_earlier(const int64_t* parents, int64_t j) {
   return std::find(parents, parents + j, parents[j]) != parents + j;
@@ -40,90 +54,6 @@ inline void offer(RunningTopT<acc_t>& top, acc_t score, int64_t id) {
   if (top.size == top.capacity && !(score >= top.scores[top.capacity - 1])) return;
   top.push(score, id);
 }
-
-// What the int8 screen of one query row keeps: the children it could not rule out, with the t best
-// lower bounds of the children screened so far (of distinct children), whose worst is the
-// threshold: a child whose upper bound is below it is beaten by t children, and is dropped.
-class ScreenedCandidates {
- public:
-  // Clears the candidates for a row's top t.
-  void start(int64_t t) {
-    candidates_.clear();
-    lower_scores_.resize(t);
-    lower_ids_.resize(t);
-    lower_ = RunningTopT<float>(lower_scores_.data(), lower_ids_.data(), t);
-    prune_at_ = 64;
-  }
-
-  // The score a child's upper bound must reach to stay a candidate.
-  float threshold() const { return lower_.size == lower_.capacity ? lower_.scores[lower_.capacity - 1] : -INFINITY; }
-
-  // Takes the children first + j with bit j of `keep` set, of bounds upper[j] and lower[j] (NaN:
-  // none known), from Int8Screen::survivors.
-  void take(unsigned keep, int64_t first, const float* upper, const float* lower) {
-    for (; keep != 0; keep &= keep - 1) {
-      const int j = __builtin_ctz(keep);
-      candidates_.push_back({upper[j] == upper[j] ? upper[j] : INFINITY, first + j});
-      offer(lower_, lower[j], first + j);  // NaN (no bound) is never kept
-    }
-    // Pruned against the threshold at `prune_at_` candidates; the limit doubles when a pruning
-    // keeps more than half (many near ties), so that pruning costs O(1) per child.
-    if (candidates_.size() >= prune_at_) {
-      prune();
-      if (candidates_.size() > prune_at_ / 2) prune_at_ *= 2;
-    }
-  }
-
-  // Scores the candidates exactly into out_scores [t] and out_ids [t] (probes: the row's [P, D]),
-  // best upper bound first, until the bound is below the t-th exact score: with tight bounds, a
-  // few more than t. The result is that of scoring every child exactly.
-  void score(const LevelView<int8_t, float>& level, const float* probes, int64_t t, float* out_scores,
-             int64_t* out_ids, GroupedDotsScratch<float>& dots) {
-    prune();
-    std::sort(candidates_.begin(), candidates_.end(),
-              [](const Candidate& a, const Candidate& b) { return a.upper > b.upper; });
-    RunningTopT<float> top(out_scores, out_ids, t);
-    GroupedDots scorer(level.keys, level.dim, dots, [&](int64_t child, float* child_dots) {
-      offer(top, child_score<int8_t>(child_dots, level.num_probes, level.scales, child, level.lse), child);
-    });
-    scorer.use_probes(probes, level.num_probes);
-    // Scored kMaxDotGroup at a time (independent dot products: one alone is bound by the FMA
-    // latency), so the t-th score seen by the stopping test may lag by a group: a few more are scored.
-    for (const Candidate& c : candidates_) {
-      if (top.size == top.capacity && c.upper < top.scores[t - 1]) break;  // this and the rest cannot rank
-      scorer.add(c.child);
-    }
-    scorer.flush();
-    top.finish();
-  }
-
- private:
-  struct Candidate {
-    float upper;  // the child's score bound (+inf: none known)
-    int64_t child;
-  };
-
-  void prune() {
-    const float at_least = threshold();
-    candidates_.erase(std::remove_if(candidates_.begin(), candidates_.end(),
-                                     [&](const Candidate& c) { return c.upper < at_least; }),
-                      candidates_.end());
-  }
-
-  std::vector<Candidate> candidates_;
-  std::vector<float> lower_scores_;  // [t]
-  std::vector<int64_t> lower_ids_;   // [t]
-  RunningTopT<float> lower_{nullptr, nullptr, 0};
-  size_t prune_at_ = 64;
-};
-
-// Per-thread scratch of descend_row, reused across rows and calls.
-template <typename acc_t>
-struct RowScratch {
-  GroupedDotsScratch<acc_t> dots;  // the probe scores of a group of children
-  Int8Screen screen;               // int8 keys: the row's probes rounded to integer digits
-  ScreenedCandidates candidates;   // int8 keys: what the screen keeps
-};
 
 // Calls on_block(prefetcher, first, last) for the children [first, last) of each parent in
 // `parents`, with the key stream (`prefetcher`, which the caller moves on by one row per child)
@@ -144,58 +74,83 @@ inline void for_each_block(const LevelView<key_t, acc_t>& level, const int64_t* 
   }
 }
 
-// The int8 keys of a group of at most Int8Screen::kKeys children [first, first + count) as the
-// screen takes them: a short group repeats its last child.
-struct KeyGroup {
-  const int8_t* rows[Int8Screen::kKeys];
-  const float* scales;
-  float short_scales[Int8Screen::kKeys];
-
-  KeyGroup(const LevelView<int8_t, float>& level, int64_t first, int count) : scales(level.scales + first) {
-    for (int j = 0; j < Int8Screen::kKeys; ++j) rows[j] = level.keys + (first + std::min(j, count - 1)) * level.dim;
-    if (count < Int8Screen::kKeys) {
-      for (int j = 0; j < Int8Screen::kKeys; ++j) short_scales[j] = scales[std::min(j, count - 1)];
-      scales = short_scales;
-    }
-  }
-};
-
-// Calls on_group(first, count, live) for the children [first, last) of one block in groups of
-// Int8Screen::kKeys, moving the prefetch stream on: bit j of `live` is set when child first + j
-// is not masked; groups that the mask empties are skipped.
-template <typename OnGroup>
-inline void for_each_key_group(const LevelView<int8_t, float>& level, BlockPrefetcher& prefetcher, int64_t first,
-                               int64_t last, OnGroup&& on_group) {
-  constexpr int kKeys = Int8Screen::kKeys;
-  for (int64_t group = first; group < last; group += kKeys) {
-    const int count = static_cast<int>(std::min<int64_t>(kKeys, last - group));
-    prefetcher.advance(count * level.dim);
-    unsigned live = (1u << count) - 1;
-    if (level.mask != nullptr)
-      for (int j = 0; j < count; ++j) live &= ~(unsigned(!level.mask[group + j]) << j);
-    if (live != 0) on_group(group, count, live);
-  }
-}
-
-// descend_row for int8 keys through the screen (after scratch.screen.prepare() succeeded):
-// every child is bounded from above and below, Int8Screen::kKeys at a time, from one integer dot
-// product per probe, and only the candidates left are scored exactly (ScreenedCandidates).
+// descend_row for int8 keys through the screen (after scratch.screen.prepare() succeeded).
+//
+// Every child is bounded from above and below, Int8Screen::kKeys at a time, from one integer dot
+// product per probe. The t best lower bounds so far (of distinct children) give a threshold: a
+// child whose upper bound is below it is beaten by t children, and is dropped. Only the children
+// left at the end are scored exactly (best bound first, until the bound is below the t-th exact
+// score): with tight bounds, a few more than t per row. The result is that of scoring every
+// child exactly.
 inline void descend_row_screened(const LevelView<int8_t, float>& level, const float* probes, const int64_t* parents,
                                  int64_t num_parents, int64_t fanout, bool skip_repeated, int64_t t,
                                  float* out_scores, int64_t* out_ids, RowScratch<float>& scratch) {
-  ScreenedCandidates& candidates = scratch.candidates;
-  candidates.start(t);
+  using Candidate = RowScratch<float>::Candidate;
+  std::vector<Candidate>& candidates = scratch.candidates;
+  candidates.clear();
+  scratch.lower_scores.resize(t);
+  scratch.lower_ids.resize(t);
+  RunningTopT<float> lower(scratch.lower_scores.data(), scratch.lower_ids.data(), t);
+  auto threshold = [&]() { return lower.size == lower.capacity ? lower.scores[t - 1] : -INFINITY; };
+  // Candidates are pruned against the threshold when they reach `prune_at`; the limit doubles
+  // when a pruning keeps more than half (many near ties), so that pruning costs O(1) per child.
+  size_t prune_at = 64;
+  auto prune = [&]() {
+    const float at_least = threshold();
+    candidates.erase(std::remove_if(candidates.begin(), candidates.end(),
+                                    [&](const Candidate& c) { return c.upper < at_least; }),
+                     candidates.end());
+  };
+  constexpr int kKeys = Int8Screen::kKeys;
+  // The children [first, first + count) of one block, count <= kKeys; bit j of `live`: child
+  // first + j is not masked.
+  auto screen_group = [&](int64_t first, int count, unsigned live) {
+    const int8_t* rows[kKeys];
+    float short_scales[kKeys], upper[kKeys], low[kKeys];
+    for (int j = 0; j < kKeys; ++j) rows[j] = level.keys + (first + std::min(j, count - 1)) * level.dim;
+    const float* scales = level.scales + first;
+    if (count < kKeys) {  // a short group repeats its last child
+      for (int j = 0; j < kKeys; ++j) short_scales[j] = scales[std::min(j, count - 1)];
+      scales = short_scales;
+    }
+    unsigned keep = scratch.screen.survivors(rows, scales, level.lse, threshold(), upper, low) & live;
+    for (; keep != 0; keep &= keep - 1) {
+      const int j = __builtin_ctz(keep);
+      candidates.push_back({upper[j] == upper[j] ? upper[j] : INFINITY, first + j});
+      offer(lower, low[j], first + j);  // NaN (no bound) is never kept
+    }
+    if (candidates.size() >= prune_at) {
+      prune();
+      if (candidates.size() > prune_at / 2) prune_at *= 2;
+    }
+  };
   for_each_block(level, parents, num_parents, fanout, skip_repeated,
                  [&](BlockPrefetcher& prefetcher, int64_t first, int64_t last) {
-                   for_each_key_group(level, prefetcher, first, last, [&](int64_t group, int count, unsigned live) {
-                     const KeyGroup keys(level, group, count);
-                     float upper[Int8Screen::kKeys], lower[Int8Screen::kKeys];
-                     const unsigned keep = scratch.screen.survivors(keys.rows, keys.scales, level.lse,
-                                                                    candidates.threshold(), upper, lower);
-                     candidates.take(keep & live, group, upper, lower);
-                   });
+                   for (int64_t group = first; group < last; group += kKeys) {
+                     const int count = static_cast<int>(std::min<int64_t>(kKeys, last - group));
+                     prefetcher.advance(count * level.dim);
+                     unsigned live = (1u << count) - 1;
+                     if (level.mask != nullptr)
+                       for (int j = 0; j < count; ++j) live &= ~(unsigned(!level.mask[group + j]) << j);
+                     if (live != 0) screen_group(group, count, live);
+                   }
                  });
-  candidates.score(level, probes, t, out_scores, out_ids, scratch.dots);
+  prune();
+  std::sort(candidates.begin(), candidates.end(),
+            [](const Candidate& a, const Candidate& b) { return a.upper > b.upper; });
+  RunningTopT<float> top(out_scores, out_ids, t);
+  GroupedDots scorer(level.keys, level.dim, scratch.dots, [&](int64_t child, float* child_dots) {
+    offer(top, child_score<int8_t>(child_dots, level.num_probes, level.scales, child, level.lse), child);
+  });
+  scorer.use_probes(probes, level.num_probes);
+  // Scored kMaxDotGroup at a time (independent dot products: one alone is bound by the FMA
+  // latency), so the t-th score seen by the stopping test may lag by a group: a few more are scored.
+  for (const Candidate& c : candidates) {
+    if (top.size == top.capacity && c.upper < top.scores[t - 1]) break;  // this and the rest cannot rank
+    scorer.add(c.child);
+  }
+  scorer.flush();
+  top.finish();
 }
 
 // Selects the top `t` children of the `num_parents` ids in `parents` for query `b`; -1 parents

@@ -250,7 +250,7 @@ inline __m256i add_into(__m256i acc, __m256i v) {
   return acc;
 }
 
-// Lane j of dots[r] = sum_d keys[j][d] * digits[r][d] for 8 key rows j and r < kProbes digit rows;
+// Lane j of dots[r] = sum_d keys[j][d] * digits[r * stride + d] for 8 key rows j and r < kProbes;
 // int32, exact (see screen_digit_max). The keys are sign-extended to int16 16 at a time and
 // shared by the probes: chunks of 8 / kProbes keys (kProbes rounded up to a power of two) keep
 // kProbes * keys = 8 int32 accumulators, so that no register spills. The keys' last partial step
@@ -258,7 +258,7 @@ inline __m256i add_into(__m256i acc, __m256i v) {
 // stay in registers: written to memory in pieces and read back as vectors, they stalled the
 // reads (failed store-to-load forwards; a one-probe int8 descend is 6.5% faster without them).
 template <int kProbes>
-__attribute__((always_inline)) inline void screen_dots(const int8_t* const* keys, const int16_t* const* digits,
+__attribute__((always_inline)) inline void screen_dots(const int8_t* const* keys, const int16_t* digits, int64_t stride,
                                                        int64_t dim, __m256i* dots) {
   constexpr int kChunkKeys = kProbes == 1 ? 8 : kProbes == 2 ? 4 : 2;
   const int64_t whole = dim / 16 * 16;
@@ -277,7 +277,7 @@ __attribute__((always_inline)) inline void screen_dots(const int8_t* const* keys
         for (int j = 0; j < kChunkKeys; ++j) q[j] = key(j);
       for (int r = 0; r < kProbes; ++r) {
         const __m256i g =
-            in_register(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(digits[r] + d)));
+            in_register(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(digits + r * stride + d)));
         for (int j = 0; j < kChunkKeys; ++j)
           acc[r * kChunkKeys + j] = add_into(acc[r * kChunkKeys + j], _mm256_madd_epi16(kProbes > 1 ? q[j] : key(j), g));
       }
@@ -307,17 +307,6 @@ __attribute__((always_inline)) inline void screen_dots(const int8_t* const* keys
     dots[1] = _mm256_permute2x128_si256(odd_lo, odd_hi, 0x20);
     if constexpr (kProbes > 2) dots[2] = _mm256_permute2x128_si256(even_lo, even_hi, 0x31);
     if constexpr (kProbes > 3) dots[3] = _mm256_permute2x128_si256(odd_lo, odd_hi, 0x31);
-  }
-}
-
-// screen_dots for `count` (1 to 4) digit rows.
-__attribute__((always_inline)) inline void screen_block_dots(const int8_t* const* keys, const int16_t* const* digits,
-                                                             int64_t count, int64_t dim, __m256i* dots) {
-  switch (count) {
-    case 4: screen_dots<4>(keys, digits, dim, dots); break;
-    case 3: screen_dots<3>(keys, digits, dim, dots); break;
-    case 2: screen_dots<2>(keys, digits, dim, dots); break;
-    default: screen_dots<1>(keys, digits, dim, dots); break;
   }
 }
 
@@ -446,67 +435,27 @@ class Int8Screen {
     return (kept & 1u) | (kept >> 3 & 2u) | (kept >> 6 & 4u) | (kept >> 9 & 8u);
 #elif MLLM_INT8_SCREEN == MLLM_SCREEN_AVX2
     // The arithmetic of the VNNI version above, with key j in lane j.
-    KeyBounds running;
-    for (int64_t p0 = 0; p0 < num_probes_; p0 += 4) {
-      const int64_t count = std::min<int64_t>(4, num_probes_ - p0);
-      const int16_t* probe_digits[4];
-      for (int64_t r = 0; r < count; ++r) probe_digits[r] = digits(p0 + r);
-      __m256i dots[4];  // lane j of dots[r]: key j, probe p0 + r
-      detail::screen_block_dots(keys, probe_digits, count, dim_, dots);
-      for (int64_t r = 0; r < count; ++r) add_probe(p0 + r, dots[r], running);
-    }
-    return bound(running, scales, lse, threshold, bounds, lower);
-#else
-    (void)keys;
-    (void)scales;
-    (void)lse;
-    (void)threshold;
-    for (int j = 0; j < kKeys; ++j) bounds[j] = lower[j] = NAN;
-    return (1u << kKeys) - 1;
-#endif
-  }
-
-#if MLLM_INT8_SCREEN == MLLM_SCREEN_AVX2
-  // survivors in three steps, for several query rows screened over the same keys
-  // (descend_shared_int8.h): the caller computes the integer dot products of the keys with the
-  // digits of the rows' probes (detail::screen_block_dots), and hands each probe's to its row's screen.
-
-  // Per key (lane j), the largest of each bound term over the probes added so far: s_r <r, q> +
-  // slack_r (pos) and -s_r <r, q> + slack_r (neg) bound a row of scale k >= 0 (k < 0) from above,
-  // s_r <r, q> - slack_r and -s_r <r, q> - slack_r from below (margins for the float32 roundings
-  // included, see add_probe).
-  struct KeyBounds {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
     __m256 pos = _mm256_set1_ps(-INFINITY), neg = _mm256_set1_ps(-INFINITY);
     __m256 pos_lower = _mm256_set1_ps(-INFINITY), neg_lower = _mm256_set1_ps(-INFINITY);
-  };
-
-  // Probe p's digits ([dim], zero up to a multiple of 64).
-  const int16_t* digits(int64_t p) const { return digits_.data() + p * stride_; }
-
-  // Adds probe p's terms for the 8 keys whose integer dot products with its digits are `dots`.
-  void add_probe(int64_t p, __m256i dots, KeyBounds& running) const {
-    const __m256 sign = _mm256_set1_ps(-0.0f);
-    const __m256 slack = _mm256_set1_ps(slack_[p]);
-    // A = s <r, q> rounds twice; 2^-20 (|A| + slack) covers those roundings and that of the sums
-    // below (cancellation).
-    const __m256 a = _mm256_mul_ps(_mm256_set1_ps(scale_[p]), _mm256_cvtepi32_ps(dots));
-    const __m256 margin = _mm256_mul_ps(_mm256_add_ps(_mm256_andnot_ps(sign, a), slack), _mm256_set1_ps(0x1p-20f));
-    running.pos = _mm256_max_ps(running.pos, _mm256_add_ps(_mm256_add_ps(slack, a), margin));
-    running.neg = _mm256_max_ps(running.neg, _mm256_add_ps(_mm256_sub_ps(slack, a), margin));
-    running.pos_lower = _mm256_max_ps(running.pos_lower, _mm256_sub_ps(_mm256_sub_ps(a, slack), margin));
-    running.neg_lower =
-        _mm256_max_ps(running.neg_lower, _mm256_sub_ps(_mm256_xor_ps(_mm256_add_ps(a, slack), sign), margin));
-  }
-
-  // survivors' result for 8 keys of scales `scales`, once every probe is in `running`.
-  unsigned bound(const KeyBounds& running, const float* scales, bool lse, float threshold, float* bounds,
-                 float* lower) const {
-    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256i dots[4];  // lane j of dots[r]: key j, probe p0 + r
+    for (int64_t p0 = 0; p0 < num_probes_; p0 += 4) {
+      probe_block_dots(keys, p0, dots);
+      for (int64_t r = 0; r < std::min<int64_t>(4, num_probes_ - p0); ++r) {
+        const __m256 slack = _mm256_set1_ps(slack_[p0 + r]);
+        const __m256 a = _mm256_mul_ps(_mm256_set1_ps(scale_[p0 + r]), _mm256_cvtepi32_ps(dots[r]));
+        const __m256 margin = _mm256_mul_ps(_mm256_add_ps(_mm256_andnot_ps(sign, a), slack), _mm256_set1_ps(0x1p-20f));
+        pos = _mm256_max_ps(pos, _mm256_add_ps(_mm256_add_ps(slack, a), margin));
+        neg = _mm256_max_ps(neg, _mm256_add_ps(_mm256_sub_ps(slack, a), margin));
+        pos_lower = _mm256_max_ps(pos_lower, _mm256_sub_ps(_mm256_sub_ps(a, slack), margin));
+        neg_lower = _mm256_max_ps(neg_lower, _mm256_sub_ps(_mm256_xor_ps(_mm256_add_ps(a, slack), sign), margin));
+      }
+    }
     const __m256 k = _mm256_loadu_ps(scales), abs_k = _mm256_andnot_ps(sign, k);
     const __m256 negative = _mm256_cmp_ps(k, _mm256_setzero_ps(), _CMP_LT_OQ);
-    __m256 bound = _mm256_mul_ps(abs_k, _mm256_blendv_ps(running.pos, running.neg, negative));
+    __m256 bound = _mm256_mul_ps(abs_k, _mm256_blendv_ps(pos, neg, negative));
     bound = _mm256_fmadd_ps(_mm256_andnot_ps(sign, bound), _mm256_set1_ps(float(kScoreBoundRelative)), bound);
-    __m256 low = _mm256_mul_ps(abs_k, _mm256_blendv_ps(running.pos_lower, running.neg_lower, negative));
+    __m256 low = _mm256_mul_ps(abs_k, _mm256_blendv_ps(pos_lower, neg_lower, negative));
     low = _mm256_fnmadd_ps(_mm256_andnot_ps(sign, low), _mm256_set1_ps(float(kScoreBoundRelative)), low);
     if (lse) {
       bound = _mm256_add_ps(bound, _mm256_set1_ps(log_num_probes_));
@@ -520,20 +469,32 @@ class Int8Screen {
     _mm256_storeu_ps(bounds, bound);
     _mm256_storeu_ps(lower, _mm256_blendv_ps(low, _mm256_set1_ps(NAN), unbounded));
     return static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(bound, _mm256_set1_ps(threshold), _CMP_NLT_UQ)));
-  }
+#else
+    (void)keys;
+    (void)scales;
+    (void)lse;
+    (void)threshold;
+    for (int j = 0; j < kKeys; ++j) bounds[j] = lower[j] = NAN;
+    return (1u << kKeys) - 1;
 #endif
+  }
 
  private:
-#if MLLM_INT8_SCREEN == MLLM_SCREEN_VNNI
+#if MLLM_INT8_SCREEN
   // The dot products of the kKeys rows `keys` with the digits of the block of (up to) four probes
-  // from p0, in screen_dots' layout.
-  __attribute__((always_inline)) void probe_block_dots(const int8_t* const* keys, int64_t p0, int32_t* sums) const {
+  // from p0, in screen_dots' layout (inlined, so that AVX2's stay in registers).
+#if MLLM_INT8_SCREEN == MLLM_SCREEN_AVX2
+  using BlockDots = __m256i;
+#else
+  using BlockDots = int32_t;
+#endif
+  __attribute__((always_inline)) void probe_block_dots(const int8_t* const* keys, int64_t p0, BlockDots* out) const {
     const ScreenDigit* digits = digits_.data() + p0 * stride_;
     switch (std::min<int64_t>(4, num_probes_ - p0)) {
-      case 4: detail::screen_dots<4>(keys, digits, stride_, dim_, sums); break;
-      case 3: detail::screen_dots<3>(keys, digits, stride_, dim_, sums); break;
-      case 2: detail::screen_dots<2>(keys, digits, stride_, dim_, sums); break;
-      default: detail::screen_dots<1>(keys, digits, stride_, dim_, sums); break;
+      case 4: detail::screen_dots<4>(keys, digits, stride_, dim_, out); break;
+      case 3: detail::screen_dots<3>(keys, digits, stride_, dim_, out); break;
+      case 2: detail::screen_dots<2>(keys, digits, stride_, dim_, out); break;
+      default: detail::screen_dots<1>(keys, digits, stride_, dim_, out); break;
     }
   }
 #endif
