@@ -284,7 +284,9 @@ def test_rows_sharing_parents(num_probes, dtype, reduce, gen):
 def test_rows_sharing_parents_non_finite_and_ties(num_probes, gen):
     """Rows sharing parents, with tops that fill up, many exact ties (small integers) and NaN and
     infinite dot products: the kernel rules a child out for the rows of its parent from its probe
-    dots against each row's t-th score, which must never drop a child that ranks."""
+    dots against each row's t-th score, which must never drop a child that ranks. On one thread all
+    24 rows are one block, so a parent's rows hold more dots than one 32-bit comparison mask (with
+    P = 5, a row's dots straddle two masks)."""
     B, D, N, fanout, T = 24, 12, 48, 8, 3
     probes = torch.randint(-2, 3, (B, num_probes, D), generator=gen).to(F32)
     keys = torch.randint(-2, 3, (N, D), generator=gen).to(F32)
@@ -295,11 +297,17 @@ def test_rows_sharing_parents_non_finite_and_ties(num_probes, gen):
     keys[30] = torch.inf
     keys[41] = -torch.inf
     parents = torch.randint(0, N // fanout, (B, T), generator=gen)
-    for t in (1, 3, 9):
-        ids, scores = mk.descend(probes, keys, parents, fanout, t, "max", backend="cpu")
-        ref_ids, ref_scores = reference.descend(probes, keys, parents, fanout, t, "max")
-        assert torch.equal(ids, ref_ids), t
-        assert torch.equal(scores, ref_scores), t
+    threads = torch.get_num_threads()
+    try:
+        for num_threads in (1, 2):
+            torch.set_num_threads(num_threads)
+            for t in (1, 3, 9):
+                ids, scores = mk.descend(probes, keys, parents, fanout, t, "max", backend="cpu")
+                ref_ids, ref_scores = reference.descend(probes, keys, parents, fanout, t, "max")
+                assert torch.equal(ids, ref_ids), (num_threads, t)
+                assert torch.equal(scores, ref_scores), (num_threads, t)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("op", ["descend", "descend_tree"])

@@ -68,14 +68,20 @@ void descend_rows_shared(const LevelView<key_t, acc_t>& level, int64_t first_row
     std::fill_n(bounds.data() + q * num_probes, num_probes, bound);
   };
   auto offer_to_rows = [&](int64_t child, acc_t* child_dots) {
-    // Most children reach no row's bound: one vector test rules them out for all the rows.
-    const int64_t sharing = static_cast<int64_t>(end - begin);
-    if (!any_at_least(child_dots, bounds.data(), sharing * num_probes)) return;
-    for (int64_t q = 0; q < sharing; ++q) {
-      const acc_t* dots = child_dots + q * num_probes;
-      if (!any_at_least(dots, bounds.data() + q * num_probes, num_probes)) continue;
-      offer(tops[pairs[begin + q].second], reduce_probes(dots, num_probes, level.lse), child);
-      refresh_bound(q);
+    // Most children reach no row's bound: the dots are compared with the bounds a vector at a
+    // time, and only the rows with a dot at its bound or above are offered the child.
+    const int64_t dots = static_cast<int64_t>(end - begin) * num_probes;
+    int64_t last_offered = -1;
+    for (int64_t i = 0; i < dots; i += kMaskBits) {
+      for (uint32_t hits = at_least_mask(child_dots + i, bounds.data() + i, std::min(kMaskBits, dots - i));
+           hits != 0; hits &= hits - 1) {
+        const int64_t dot = i + __builtin_ctz(hits);
+        const int64_t q = num_probes == 1 ? dot : dot / num_probes;
+        if (q == last_offered) continue;  // through another of its probes
+        last_offered = q;
+        offer(tops[pairs[begin + q].second], reduce_probes(child_dots + q * num_probes, num_probes, level.lse), child);
+        refresh_bound(q);
+      }
     }
   };
   GroupedDots scorer(level.keys, dim, scratch.dots, offer_to_rows);

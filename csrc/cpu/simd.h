@@ -38,7 +38,7 @@ inline vfloat vload(const int8_t* p) {
 }
 inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm512_fmadd_ps(a, b, c); }
 inline void vstore(float* p, vfloat v) { _mm512_storeu_ps(p, v); }
-inline bool vany_at_least(vfloat a, vfloat b) { return _mm512_cmp_ps_mask(a, b, _CMP_GE_OQ) != 0; }
+inline uint32_t vat_least_mask(vfloat a, vfloat b) { return _mm512_cmp_ps_mask(a, b, _CMP_GE_OQ); }
 inline __m256 fold256(vfloat v) {
   // Masked extracts: GCC 12's plain extract and cast pass an undefined vector, which trips
   // -Wuninitialized once inlined (GCC bug 105593).
@@ -66,7 +66,9 @@ inline vfloat vload(const int8_t* p) {
 }
 inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm256_fmadd_ps(a, b, c); }
 inline void vstore(float* p, vfloat v) { _mm256_storeu_ps(p, v); }
-inline bool vany_at_least(vfloat a, vfloat b) { return _mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_GE_OQ)) != 0; }
+inline uint32_t vat_least_mask(vfloat a, vfloat b) {
+  return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_GE_OQ)));
+}
 inline __m256 fold256(vfloat v) { return v; }
 #else
 #define MLLM_SIMD_WIDTH 0
@@ -320,19 +322,23 @@ inline void multi_dot_split(const acc_t* rows, int64_t num_rows, int64_t dim, co
   multi_dot(rows, num_rows, dim, x, out);
 }
 
-// Whether values[i] >= bounds[i] for some i < n (a NaN value is never at least its bound).
+// The most values at_least_mask compares in one call.
+constexpr int64_t kMaskBits = 32;
+
+// Bit i set when values[i] >= bounds[i], for i < n <= kMaskBits (a NaN value is never at least its
+// bound).
 template <typename acc_t>
-inline bool any_at_least(const acc_t* values, const acc_t* bounds, int64_t n) {
+inline uint32_t at_least_mask(const acc_t* values, const acc_t* bounds, int64_t n) {
+  uint32_t mask = 0;
   int64_t i = 0;
 #if MLLM_SIMD_WIDTH
   if constexpr (std::is_same_v<acc_t, float>) {
     for (; i + MLLM_SIMD_WIDTH <= n; i += MLLM_SIMD_WIDTH)
-      if (vany_at_least(vload(values + i), vload(bounds + i))) return true;
+      mask |= vat_least_mask(vload(values + i), vload(bounds + i)) << i;
   }
 #endif
-  bool any = false;
-  for (; i < n; ++i) any |= values[i] >= bounds[i];
-  return any;
+  for (; i < n; ++i) mask |= static_cast<uint32_t>(values[i] >= bounds[i]) << i;
+  return mask;
 }
 
 // acc[d] += sum_r weights[r] * x[r * stride + d] for d < dim, over num_rows rows of x that are
