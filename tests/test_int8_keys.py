@@ -393,6 +393,31 @@ def test_cpu_screen_exact_ties(P, reduce, gen):
         _check_screen(probes, q, scales, parents, fanout, t, reduce)
 
 
+@pytest.mark.parametrize("P", [1, 2, 5])
+@pytest.mark.parametrize("reduce", REDUCES)
+def test_cpu_rows_sharing_parents_without_screen(P, reduce, gen):
+    """With few children per t (at most 4t), int8 rows skip the screen, and rows that share parents
+    are scored together (scaled dots against each row's t-th score), on one thread and two: the
+    same bits as scoring each row alone. Small integers (exact ties), negative, zero and
+    non-finite scales, masked children, empty and repeated parents."""
+    B, D, N, fanout, T = 24, 12, 45, 8, 3  # 6 parents, the last one short
+    q = torch.randint(-3, 4, (N, D), generator=gen).to(I8)
+    scales = torch.tensor([0.5, 1.0, -2.0, 0.0])[torch.randint(0, 4, (N,), generator=gen)]
+    scales[7], scales[20], scales[33] = torch.inf, -torch.inf, torch.nan
+    probes = torch.randint(-2, 3, (B, P, D), generator=gen).to(F32)
+    parents = make_parents(B, T, num_parents(N, fanout), gen, p_empty=0.1, p_dup=0.1)
+    mask = make_mask(N, gen, p_keep=0.8)
+    threads = torch.get_num_threads()
+    try:
+        for num_threads in (1, 2):
+            torch.set_num_threads(num_threads)
+            for t in (6, 24):  # 3 * 8 children <= 4 t
+                for m in (None, mask):
+                    _check_screen(probes, q, scales, parents, fanout, t, reduce, m)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("reduce", REDUCES)
 def test_cpu_screen_all_rows_tie(reduce, gen):
     """Every row the same: no bound rules a row out, so the screen's list of candidates grows past

@@ -153,6 +153,11 @@ inline void descend_row_screened(const LevelView<int8_t, float>& level, const fl
   top.finish();
 }
 
+// Whether the int8 screen pays for a row of `children` candidates and a top `t`: it bounds every
+// child and scores the survivors exactly, at least t of them, so with few children per t it only
+// adds work (a top level of 25 nodes and t = 8 took twice as long as scoring them all exactly).
+inline bool worth_screening(int64_t children, int64_t t) { return children > 4 * t; }
+
 // Selects the top `t` children of the `num_parents` ids in `parents` for query `b`; -1 parents
 // are empty. With `skip_repeated`, a parent id repeated in the row is skipped so that each child
 // counts once (callers whose parents are unique by construction pass false).
@@ -162,7 +167,7 @@ void descend_row(const LevelView<key_t, acc_t>& level, int64_t b, const int64_t*
                  RowScratch<acc_t>& scratch) {
   const acc_t* probes = level.probes + b * level.num_probes * level.dim;
   if constexpr (MLLM_INT8_SCREEN && std::is_same_v<key_t, int8_t> && std::is_same_v<acc_t, float>) {
-    if (scratch.screen.prepare(probes, level.num_probes, level.dim))
+    if (worth_screening(num_parents * fanout, t) && scratch.screen.prepare(probes, level.num_probes, level.dim))
       return descend_row_screened(level, probes, parents, num_parents, fanout, skip_repeated, t, out_scores, out_ids,
                                   scratch);
   }

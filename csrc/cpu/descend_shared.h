@@ -1,6 +1,7 @@
-// The fused descent of several query rows together, for keys scored in floating point: a parent
-// that several of the rows selected is read (and its keys converted) once, and its children are
-// scored against the probes of all those rows in one pass. Each row keeps its own running top t;
+// The fused descent of several query rows together, for keys scored exactly (float keys, and int8
+// keys where the int8 screen does not pay): a parent that several of the rows selected is read
+// (and its keys converted) once, and its children are scored against the probes of all those rows
+// in one pass. Each row keeps its own running top t;
 // the result is the one descend_row gives for each row (a dot product has the same bits in any
 // tile, and the top t does not depend on the order of the candidates).
 #pragma once
@@ -68,9 +69,10 @@ void descend_rows_shared(const LevelView<key_t, acc_t>& level, int64_t first_row
     std::fill_n(bounds.data() + q * num_probes, num_probes, bound);
   };
   auto offer_to_rows = [&](int64_t child, acc_t* child_dots) {
+    const int64_t dots = static_cast<int64_t>(end - begin) * num_probes;
+    if constexpr (std::is_same_v<key_t, int8_t>) scale_dots(child_dots, dots, static_cast<acc_t>(level.scales[child]));
     // Most children reach no row's bound: the dots are compared with the bounds a vector at a
     // time, and only the rows with a dot at its bound or above are offered the child.
-    const int64_t dots = static_cast<int64_t>(end - begin) * num_probes;
     int64_t last_offered = -1;
     for (int64_t i = 0; i < dots; i += kMaskBits) {
       for (uint32_t hits = at_least_mask(child_dots + i, bounds.data() + i, std::min(kMaskBits, dots - i));
