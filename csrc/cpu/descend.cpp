@@ -33,8 +33,8 @@ struct PreparedLevel {
       run_row;
   // run into rows first_row .. first_row + num_rows of the outputs together, where row b's
   // parents are parents_of(b): keys scored exactly share the reads of parents that several rows
-  // selected (descend_rows_shared); int8 keys go row by row where the int8 screen pays (it skips
-  // most keys).
+  // selected (descend_rows_shared); rows that the int8 screen takes (it skips most keys) go one
+  // by one.
   std::function<void(int64_t first_row, int64_t num_rows, const std::function<const int64_t*(int64_t)>& parents_of,
                      int64_t num_parents, int64_t fanout, bool skip_repeated)>
       run_rows;
@@ -82,7 +82,7 @@ PreparedLevel prepare_level(const at::Tensor& probes, const at::Tensor& keys, co
       };
       level.run_rows = [=](int64_t first_row, int64_t num_rows, const std::function<const int64_t*(int64_t)>& parents_of,
                            int64_t num_parents, int64_t fanout, bool skip_repeated) {
-        if (std::is_same_v<key_t, int8_t> && worth_screening(num_parents * fanout, t)) {
+        if (screens<key_t, acc_t>(num_parents * fanout, t)) {
           thread_local RowScratch<acc_t> scratch;
           for (int64_t b = first_row; b < first_row + num_rows; ++b)
             descend_row(view, b, parents_of(b), num_parents, fanout, skip_repeated, t, scores + b * t, ids + b * t,

@@ -153,10 +153,19 @@ inline void descend_row_screened(const LevelView<int8_t, float>& level, const fl
   top.finish();
 }
 
-// Whether the int8 screen pays for a row of `children` candidates and a top `t`: it bounds every
-// child and scores the survivors exactly, at least t of them, so with few children per t it only
-// adds work (a top level of 25 nodes and t = 8 took twice as long as scoring them all exactly).
-inline bool worth_screening(int64_t children, int64_t t) { return children > 4 * t; }
+// Whether the int8 screen can take keys of type key_t scored in acc_t: int8 keys in float32, where
+// the screen is built.
+template <typename key_t, typename acc_t>
+constexpr bool kScreenable = MLLM_INT8_SCREEN && std::is_same_v<key_t, int8_t> && std::is_same_v<acc_t, float>;
+
+// Whether descend_row screens a row of `children` candidates and a top `t`: more than 4t children.
+// The screen bounds every child and scores the survivors exactly, at least t of them, so with few
+// children per t it only adds work (a top level of 25 nodes and t = 8 took twice as long as
+// scoring them all exactly).
+template <typename key_t, typename acc_t>
+constexpr bool screens(int64_t children, int64_t t) {
+  return kScreenable<key_t, acc_t> && children > 4 * t;
+}
 
 // Selects the top `t` children of the `num_parents` ids in `parents` for query `b`; -1 parents
 // are empty. With `skip_repeated`, a parent id repeated in the row is skipped so that each child
@@ -166,8 +175,8 @@ void descend_row(const LevelView<key_t, acc_t>& level, int64_t b, const int64_t*
                  int64_t fanout, bool skip_repeated, int64_t t, acc_t* out_scores, int64_t* out_ids,
                  RowScratch<acc_t>& scratch) {
   const acc_t* probes = level.probes + b * level.num_probes * level.dim;
-  if constexpr (MLLM_INT8_SCREEN && std::is_same_v<key_t, int8_t> && std::is_same_v<acc_t, float>) {
-    if (worth_screening(num_parents * fanout, t) && scratch.screen.prepare(probes, level.num_probes, level.dim))
+  if constexpr (kScreenable<key_t, acc_t>) {
+    if (screens<key_t, acc_t>(num_parents * fanout, t) && scratch.screen.prepare(probes, level.num_probes, level.dim))
       return descend_row_screened(level, probes, parents, num_parents, fanout, skip_repeated, t, out_scores, out_ids,
                                   scratch);
   }

@@ -1,9 +1,9 @@
 // The fused descent of several query rows together, for keys scored exactly (float keys, and int8
-// keys where the int8 screen does not pay): a parent that several of the rows selected is read
+// keys that the int8 screen does not take): a parent that several of the rows selected is read
 // (and its keys converted) once, and its children are scored against the probes of all those rows
-// in one pass. Each row keeps its own running top t;
-// the result is the one descend_row gives for each row (a dot product has the same bits in any
-// tile, and the top t does not depend on the order of the candidates).
+// in one pass. Each row keeps its own running top t; the result is the one descend_row gives for
+// each row (a dot product has the same bits in any tile, and the top t does not depend on the
+// order of the candidates).
 #pragma once
 
 #include <algorithm>
