@@ -155,10 +155,10 @@ void split_row(const PreparedLevel& level, int64_t b, const int64_t* parents, in
 // reads of the parents they have in common (descend_rows_shared), so larger blocks read less.
 // Quarter shares were 1.04x-1.23x slower with float16 keys at B=16 and 64, one probe or four
 // (descend_tree on the e2e trees of 1e4 to 1e6 leaves, descend on 8,192 keys in the L3), and no
-// faster beyond the caches or with int8 keys (which go row by row). Larger batches have more
-// blocks than threads, handed out one at a time from a shared counter: a thread that finishes
-// early (rows differ in work, and on a shared machine a thread may lose its core for a while)
-// takes the next.
+// faster beyond the caches or with int8 keys (most of their rows go row by row, through the int8
+// screen). Larger batches have more blocks than threads, handed out one at a time from a shared
+// counter: a thread that finishes early (rows differ in work, and on a shared machine a thread may
+// lose its core for a while) takes the next.
 constexpr int64_t kMaxRowsPerBlock = 64;
 
 template <typename BlockFn>
