@@ -19,6 +19,7 @@ from testing_utils import (
     param,
     score_tol,
     strided,
+    torch_threads,
     transposed,
 )
 
@@ -297,17 +298,13 @@ def test_rows_sharing_parents_non_finite_and_ties(num_probes, gen):
     keys[30] = torch.inf
     keys[41] = -torch.inf
     parents = torch.randint(0, N // fanout, (B, T), generator=gen)
-    threads = torch.get_num_threads()
-    try:
-        for num_threads in (1, 2):
-            torch.set_num_threads(num_threads)
-            for t in (1, 3, 9):
+    for num_threads in (1, 2):
+        for t in (1, 3, 9):
+            with torch_threads(num_threads):
                 ids, scores = mk.descend(probes, keys, parents, fanout, t, "max", backend="cpu")
-                ref_ids, ref_scores = reference.descend(probes, keys, parents, fanout, t, "max")
-                assert torch.equal(ids, ref_ids), (num_threads, t)
-                assert torch.equal(scores, ref_scores), (num_threads, t)
-    finally:
-        torch.set_num_threads(threads)
+            ref_ids, ref_scores = reference.descend(probes, keys, parents, fanout, t, "max")
+            assert torch.equal(ids, ref_ids), (num_threads, t)
+            assert torch.equal(scores, ref_scores), (num_threads, t)
 
 
 @pytest.mark.parametrize("op", ["descend", "descend_tree"])
@@ -318,11 +315,9 @@ def test_same_result_for_any_thread_count(op, B, gen):
     probes = make_probes(B, 3, 24, F32, gen)
     keys = make_keys(N, 24, F32, gen)
     parents = make_parents(B, 12, num_parents(N, fanout), gen)
-    threads = torch.get_num_threads()
     results = []
-    try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
+    for n in (1, 2, 3):
+        with torch_threads(n):
             if op == "descend":
                 results.append(mk.descend(probes, keys, parents, fanout, 20, "lse", backend="cpu"))
             else:
@@ -334,8 +329,6 @@ def test_same_result_for_any_thread_count(op, B, gen):
                 ]
                 out = mk.descend_tree([probes] * 3, level_keys, fanout, [4, 9, 20], "lse", backend="cpu")
                 results.append(tuple(x for level in out for x in level))
-    finally:
-        torch.set_num_threads(threads)
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
@@ -365,14 +358,10 @@ def test_small_batch_split_across_threads(op, int8, gen):
         )
         return out[-1]
 
-    threads = torch.get_num_threads()
-    try:
-        results = []
-        for n in (1, 3):
-            torch.set_num_threads(n)
+    results = []
+    for n in (1, 3):
+        with torch_threads(n):
             results.append(run("cpu"))
-    finally:
-        torch.set_num_threads(threads)
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
     ref_ids, ref_scores = run("reference")
     assert_topk_equal(*results[1], ref_ids, ref_scores, **score_tol(probes, probes))

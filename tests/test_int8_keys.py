@@ -31,6 +31,7 @@ from testing_utils import (
     score_tol,
     strided,
     to_device,
+    torch_threads,
 )
 
 import mllm_kernels as mk
@@ -407,15 +408,11 @@ def test_cpu_rows_sharing_parents_without_screen(P, reduce, gen):
     probes = torch.randint(-2, 3, (B, P, D), generator=gen).to(F32)
     parents = make_parents(B, T, num_parents(N, fanout), gen, p_empty=0.1, p_dup=0.1)
     mask = make_mask(N, gen, p_keep=0.8)
-    threads = torch.get_num_threads()
-    try:
-        for num_threads in (1, 2):
-            torch.set_num_threads(num_threads)
+    for num_threads in (1, 2):
+        with torch_threads(num_threads):
             for t in (6, 24):  # 3 * 8 children <= 4 t
                 for m in (None, mask):
                     _check_screen(probes, q, scales, parents, fanout, t, reduce, m)
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("reduce", REDUCES)

@@ -6,6 +6,7 @@ backends in :data:`BACKENDS`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -64,6 +65,17 @@ def score_tol(*tensors):
 def randn(shape, dtype=F32, gen=None, scale=1.0):
     """Standard normal values (times ``scale``) rounded to ``dtype``."""
     return (torch.randn(shape, generator=gen, dtype=F64) * scale).to(dtype)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Runs the block with torch's intra-op thread count set to n, and restores it after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def make_probes(B, P, D, dtype, gen):
