@@ -510,7 +510,8 @@ def run_size(
         _log(verbose, f"  {m.name}: {_brief(m.timings)}")
     if growth_from is not None:
         g = entry["growth"] = _growth(levels, growth_from, queries, s, threads)
-        _log(verbose, "  growth from " + ", ".join(f"{_n(s.growth_from)}: B={b} {r['ratio']:.2f}x" for b, r in g["batches"].items()))
+        ratios = ", ".join(f"B={b} {r['ratio']:.2f}x" for b, r in g["batches"].items())
+        _log(verbose, f"  growth from {_n(s.growth_from)} leaves: {ratios}")
 
     entry["methods"] = [m.as_dict() for m in methods]
     entry["matched"] = _matched(methods)
