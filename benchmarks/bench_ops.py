@@ -74,6 +74,9 @@ def run_ops(
         ``speedup`` (+ ``speedup_min``/``speedup_max`` per round), ``kernel_gbps``, ``read_gbps``
         (a read pass over a ``bandwidth_bytes`` buffer timed in the case's rounds) and
         ``read_bw_fraction`` (kernel over that read bandwidth), or ``error`` when the case failed.
+        Cases that read children blocks (descend, score_children forward) on the CPU also have
+        ``block_read`` stats (the same blocks read with no scoring, in the same rounds),
+        ``block_read_gbps`` (the case's bytes over its median) and ``block_read_fraction``.
     """
     preset = sizes if isinstance(sizes, str) else "custom"
     s = PRESETS[sizes] if isinstance(sizes, str) else sizes
@@ -110,9 +113,12 @@ def _run(s: Sizes, preset: str, threads: int, out_dir, only, verbose: bool) -> d
             case = build()
             entry.update(op=case.op, params=case.params, bytes=case.bytes)
             _log(verbose, f"{case.op}: {case.params} ...")
-            entry.update(compare(case.kernel, case.reference, read_probe=read_probe, **kw))
+            entry.update(compare(case.kernel, case.reference, read_probe=read_probe, block_read=case.block_read, **kw))
             entry["kernel_gbps"] = case.bytes / entry["kernel"]["median"] / 1e9
             entry["read_bw_fraction"] = entry["kernel_gbps"] / entry["read_gbps"]
+            if "block_read" in entry:
+                entry["block_read_gbps"] = case.bytes / entry["block_read"]["median"] / 1e9
+                entry["block_read_fraction"] = entry["kernel_gbps"] / entry["block_read_gbps"]
             entry["reference_gbps"] = case.bytes / entry["reference"]["median"] / 1e9
             _log(
                 verbose,

@@ -27,6 +27,8 @@ so that on a level larger than the caches the keys come from memory, not from th
 
 from __future__ import annotations
 
+import subprocess
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -48,6 +50,9 @@ class Case:
     kernel: Callable[[], object]
     reference: Callable[[], object]
     bytes: int
+    # For ops that read a level's children blocks: the same blocks read with no scoring
+    # (block_read.py), timed beside the kernel; None for the other ops, or off the CPU.
+    block_read: Callable[[], object] | None = None
 
 
 class Inputs:
@@ -121,6 +126,19 @@ def _both(fn: Callable[[str], object], inp: Inputs):
     return (lambda: fn(inp.backend)), (lambda: fn("reference"))
 
 
+def _block_reader(keys: torch.Tensor, sets: list[torch.Tensor], s: Sizes, inp: Inputs):
+    """The read of the blocks of ``sets`` (cycled like the kernel's parents), or None off the CPU."""
+    if inp.device.type != "cpu":
+        return None
+    from .block_read import block_reader
+
+    try:
+        return block_reader(keys, _cycle(sets), s.fanout)
+    except (OSError, subprocess.CalledProcessError) as error:  # no compiler, no source checkout
+        warnings.warn(f"block read not timed: {error}", stacklevel=2)
+        return None
+
+
 def descend_case(s: Sizes, n: int, inp: Inputs, label: str) -> Case:
     """``descend`` on one level of ``n`` children with random parents per query."""
     keys = inp.rand((n, s.D), shared=True)
@@ -137,7 +155,7 @@ def descend_case(s: Sizes, n: int, inp: Inputs, label: str) -> Case:
     item = keys.element_size()
     n_bytes = s.B * s.T * s.fanout * s.D * item + probes.nbytes + s.B * s.T * 8 + s.B * s.t * 12
     params = f"{label}: N={n:,} ({_mb(keys.nbytes)} keys) B={s.B} P={s.P} T={s.T} t={s.t}"
-    return Case("descend", params, kernel, ref, n_bytes)
+    return Case("descend", params, kernel, ref, n_bytes, _block_reader(keys, sets, s, inp))
 
 
 def _recall(ids: torch.Tensor, ref_ids: torch.Tensor) -> float:
@@ -174,7 +192,7 @@ def descend_int8_case(s: Sizes, n: int, inp: Inputs, label: str) -> Case:
         f"{label}: N={n:,} ({_mb(keys8.nbytes)} int8 keys vs {_mb(keys16.nbytes)} float16) B={s.B} P={s.P} "
         f"T={s.T} t={s.t}; reference column = float16 keys (same kernels); recall@{s.t} vs float16 {recall:.1%}"
     )
-    return Case("descend int8", params, kernel, float16, n_bytes)
+    return Case("descend int8", params, kernel, float16, n_bytes, _block_reader(keys8, sets, s, inp))
 
 
 def tree_level_sizes(leaves: int, fanout: int) -> list[int]:
@@ -230,7 +248,7 @@ def score_children_case(s: Sizes, n: int, inp: Inputs, backward: bool) -> Case:
         n_bytes += slots * (s.D * keys.element_size() + 4) + probes.nbytes + keys.nbytes
         op = "score_children fwd+bwd"
     params = f"N={n:,} ({_mb(keys.nbytes)} keys) B={s.B} P={s.P} T={s.T}"
-    return Case(op, params, kernel, ref, n_bytes)
+    return Case(op, params, kernel, ref, n_bytes, None if backward else _block_reader(keys, sets, s, inp))
 
 
 def chunk_offsets_of_rows(n: int, chunk_size: int) -> torch.Tensor:

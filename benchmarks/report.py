@@ -119,7 +119,10 @@ def header_markdown(results: dict) -> str:
             "speedup = reference median / kernel median (min-max of the per-round ratios); "
             "GB/s = bytes the op must move / kernel median; read GB/s = a read pass (sum) over "
             f"a {bw['buffer_bytes'] / 2**20:,.0f} MiB buffer timed in the same rounds as the case; "
-            "% read BW = kernel GB/s / that read GB/s."
+            "% read BW = kernel GB/s / that read GB/s; block read GB/s = the same bytes over the time "
+            "of a read of the very blocks the kernel reads (same order, prefetch stream and threads, "
+            "no scoring: `benchmarks/block_read.cpp`), timed in the same rounds: the bandwidth of the "
+            "access pattern (random blocks of fanout rows); % block read = kernel GB/s / block read GB/s."
         ),
         "",
     ]
@@ -131,20 +134,22 @@ def table_markdown(cases: list[dict]) -> str:
     rows = [
         (
             "| op | case | kernel ms | reference ms | speedup (round min-max) | bytes | kernel GB/s | read GB/s "
-            "| % read BW |"
+            "| % read BW | block read GB/s | % block read |"
         ),
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in cases:
         if "error" in c:
-            rows.append(f"| {c['op']} | {c['params']} | error: {c['error']} | | | | | | |")
+            rows.append(f"| {c['op']} | {c['params']} | error: {c['error']} | | | | | | | | |")
             continue
         k, r = c["kernel"], c["reference"]
+        block = f"{c['block_read_gbps']:.1f} | {c['block_read_fraction']:.0%}" if "block_read_gbps" in c else "- | -"
         rows.append(
             f"| {c['op']} | {c['params']} "
             f"| {_ms(k['median'])} ({k['spread']:.0%}) | {_ms(r['median'])} ({r['spread']:.0%}) "
             f"| {c['speedup']:.1f}x ({c['speedup_min']:.1f}-{c['speedup_max']:.1f}) "
-            f"| {_size(c['bytes'])} | {c['kernel_gbps']:.1f} | {c['read_gbps']:.1f} | {c['read_bw_fraction']:.0%} |"
+            f"| {_size(c['bytes'])} | {c['kernel_gbps']:.1f} | {c['read_gbps']:.1f} | {c['read_bw_fraction']:.0%} "
+            f"| {block} |"
         )
     return "\n".join(rows) + "\n"
 

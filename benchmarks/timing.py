@@ -100,18 +100,30 @@ def measure_interleaved(
     return stats, per_round
 
 
-def compare(kernel: Callable, reference: Callable, *, read_probe: ReadProbe | None = None, **kwargs) -> dict:
+def compare(
+    kernel: Callable,
+    reference: Callable,
+    *,
+    read_probe: ReadProbe | None = None,
+    block_read: Callable | None = None,
+    **kwargs,
+) -> dict:
     """Kernel vs reference, interleaved: both stats, the speedup and its per-round range.
 
     ``speedup = median_reference / median_kernel``; ``speedup_min``/``speedup_max`` are the
     smallest and largest ratio of the two blocks timed in the same round. With ``read_probe``,
     its read pass is timed in the same rounds too, and ``read_gbps`` is the read bandwidth
-    measured alongside the kernel (the machine's bandwidth drifts between cases).
+    measured alongside the kernel (the machine's bandwidth drifts between cases). With
+    ``block_read`` (a read of the blocks the kernel reads, see ``block_read.py``), its stats
+    are ``block_read`` in the result, timed in the same rounds.
     """
     fns, names = [kernel, reference], ["kernel", "reference"]
     if read_probe is not None:
         fns.append(read_probe)
         names.append("read")
+    if block_read is not None:
+        fns.append(block_read)
+        names.append("block_read")
     stats, rounds = measure_interleaved(fns, names=names, **kwargs)
     (k, r), (k_rounds, r_rounds) = stats[:2], rounds[:2]
     ratios = [rt / kt for kt, rt in zip(k_rounds, r_rounds) if kt > 0]
@@ -123,9 +135,12 @@ def compare(kernel: Callable, reference: Callable, *, read_probe: ReadProbe | No
         "speedup_max": max(ratios) if ratios else float("nan"),
         "speedup_round_median": statistics.median(ratios) if ratios else float("nan"),
     }
+    extra = dict(zip(names[2:], stats[2:]))
     if read_probe is not None:
-        result["read"] = stats[2].as_dict()
-        result["read_gbps"] = read_probe.nbytes / stats[2].median / 1e9
+        result["read"] = extra["read"].as_dict()
+        result["read_gbps"] = read_probe.nbytes / extra["read"].median / 1e9
+    if block_read is not None:
+        result["block_read"] = extra["block_read"].as_dict()
     return result
 
 

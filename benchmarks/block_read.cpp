@@ -1,0 +1,50 @@
+// The read of a descent's key blocks with no scoring: the bytes descend reads (for each query
+// row, the children blocks of its parents), in the same order, with the same software prefetch
+// stream (csrc/cpu/prefetch_stream.h) and the same number of threads, folded into one checksum
+// per row with 32-byte loads. The op benchmarks time it beside descend: the bandwidth that this
+// access pattern (random blocks of fanout rows) gets on the machine, as opposed to a sequential
+// read. Built and loaded by block_read.py (plain C ABI, ctypes).
+#include <omp.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "prefetch_stream.h"
+
+namespace {
+using Lanes = uint64_t __attribute__((vector_size(32)));
+
+// XOR of the 32-byte words of [p, p + bytes); bytes is a multiple of 32.
+inline Lanes fold(const char* p, int64_t bytes, Lanes acc) {
+  for (int64_t off = 0; off < bytes; off += 32) {
+    Lanes word;
+    std::memcpy(&word, p + off, sizeof(word));
+    acc ^= word;
+  }
+  return acc;
+}
+}  // namespace
+
+// keys: [num_nodes, row_bytes] bytes (row_bytes a multiple of 32); parents: [rows, num_parents]
+// (-1 empty); out: [rows] checksums (XOR of every 8-byte word the row read, the words of one
+// 32-byte load folded in lane order).
+extern "C" void read_blocks(const char* keys, int64_t row_bytes, int64_t num_nodes, const int64_t* parents,
+                            int64_t rows, int64_t num_parents, int64_t fanout, int threads, uint64_t* out) {
+  const int64_t block_bytes = fanout * row_bytes, level_bytes = num_nodes * row_bytes;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t b = 0; b < rows; ++b) {
+    const int64_t* row_parents = parents + b * num_parents;
+    mllm::cpu::BlockPrefetcher prefetcher(keys, block_bytes, level_bytes, row_parents, num_parents);
+    Lanes acc = {0, 0, 0, 0};
+    for (int64_t j = 0; j < num_parents; ++j) {
+      if (row_parents[j] < 0) continue;
+      const int64_t first = row_parents[j] * fanout;
+      const int64_t last = first + fanout < num_nodes ? first + fanout : num_nodes;
+      for (int64_t child = first; child < last; ++child) {
+        prefetcher.advance(row_bytes);
+        acc = fold(keys + child * row_bytes, row_bytes, acc);
+      }
+    }
+    out[b] = acc[0] ^ acc[1] ^ acc[2] ^ acc[3];
+  }
+}
