@@ -27,7 +27,10 @@ _INCLUDE = Path(__file__).resolve().parents[1] / "csrc" / "cpu"
 
 @lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL:
-    """block_read.cpp compiled (once per source, prefetch header and -march) with g++ and loaded."""
+    """block_read.cpp compiled (once per source, prefetch header and -march) with g++ and loaded.
+
+    Raises OSError (FileNotFoundError without g++ or outside a source checkout) when it cannot be built.
+    """
     march = os.environ.get("MLLM_CPU_ARCH", "native")
     header = _INCLUDE / "prefetch_stream.h"
     if not header.exists():
@@ -38,7 +41,9 @@ def _library() -> ctypes.CDLL:
         partial = path.with_suffix(f".{os.getpid()}.tmp")
         command = ["g++", "-O3", f"-march={march}", "-fopenmp", "-shared", "-fPIC", f"-I{_INCLUDE}",
                    str(_SOURCE), "-o", str(partial)]  # fmt: skip
-        subprocess.run(command, check=True, capture_output=True, text=True)
+        built = subprocess.run(command, check=False, capture_output=True, text=True)  # no g++: FileNotFoundError
+        if built.returncode != 0:
+            raise OSError(f"building {_SOURCE.name} failed ({' '.join(command)}):\n{built.stderr[-2000:]}")
         partial.replace(path)  # atomic: a concurrent run never loads a half-written library
     library = ctypes.CDLL(str(path))
     library.read_blocks.restype = None

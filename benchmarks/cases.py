@@ -21,13 +21,17 @@ once); dividing it by the kernel's median time gives its effective bandwidth:
   the output gradient read and the ``[N, D]`` gradient of ``x`` written.
 * chunk_offsets: the segment offsets read, chunk offsets and chunk segments written.
 
+descend and score_children (forward) on the CPU also carry a ``block_read``: the children blocks
+the kernel reads (the keys; not the int8 scales), read in the same order with the library's
+prefetch stream and no scoring (``block_read.py``), so the report can give the kernel's bandwidth
+against that of its access pattern.
+
 descend and score_children draw ``PARENT_SETS`` parent sets and use the next one at every call,
 so that on a level larger than the caches the keys come from memory, not from the L3.
 """
 
 from __future__ import annotations
 
-import subprocess
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -134,7 +138,7 @@ def _block_reader(keys: torch.Tensor, sets: list[torch.Tensor], s: Sizes, inp: I
 
     try:
         return block_reader(keys, _cycle(sets), s.fanout)
-    except (OSError, subprocess.CalledProcessError) as error:  # no compiler, no source checkout
+    except OSError as error:  # no compiler, no source checkout
         warnings.warn(f"block read not timed: {error}", stacklevel=2)
         return None
 
