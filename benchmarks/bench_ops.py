@@ -12,7 +12,7 @@ import torch
 
 from . import report
 from .sizes import PRESETS, Sizes
-from .timing import ReadProbe, compare, measure_bandwidth
+from .timing import ReadProbe, compare, measure_bandwidth, round_settings
 
 NOTES = [
     "descend 'cached': the keys fit in the L3, so GB/s above the DRAM read bandwidth is expected.",
@@ -31,17 +31,6 @@ NOTES = [
         "gradient); cls_pool fwd+bwd for x and q. Kernel and reference always run the same N."
     ),
 ]
-
-
-def _measure_kwargs(s: Sizes, threads: int) -> dict:
-    return {
-        "threads": threads,
-        "min_rounds": s.min_rounds,
-        "max_rounds": s.max_rounds,
-        "min_time_s": s.min_time_s,
-        "max_time_s": s.max_time_s,
-        "block_s": s.block_s,
-    }
 
 
 def _log(verbose: bool, message: str) -> None:
@@ -92,7 +81,7 @@ def run_ops(
 def _run(s: Sizes, preset: str, threads: int, out_dir, only, verbose: bool) -> dict:
     from .cases import all_cases  # imports mllm_kernels, which needs the compiled library
 
-    kw = _measure_kwargs(s, threads)
+    kw = round_settings(s, threads)
     start = time.perf_counter()
     machine = report.machine_info(threads)
 

@@ -53,7 +53,7 @@ from .synthetic import (
     scratch_path,
     upper_levels,
 )
-from .timing import compare, measure_interleaved
+from .timing import compare, measure_interleaved, round_settings
 
 K = 10  # recall@K, and the leaves every method returns
 FANOUT = 64
@@ -292,25 +292,13 @@ def _callables(methods: list[Method], queries: torch.Tensor, batch: int):
     return fns
 
 
-def _rounds(s: E2ESizes, threads: int, rounds: int | None = None) -> dict:
-    """measure_interleaved's settings of the preset ``s`` (``rounds``: exactly that many)."""
-    return {
-        "threads": threads,
-        "min_rounds": s.min_rounds if rounds is None else rounds,
-        "max_rounds": s.max_rounds if rounds is None else rounds,
-        "min_time_s": s.min_time_s,
-        "max_time_s": s.max_time_s,
-        "block_s": s.block_s,
-    }
-
-
 def _time(methods: list[Method], queries: torch.Tensor, s: E2ESizes, threads: int) -> None:
     """Interleaved timing of ``methods`` at every batch size; fills ``method.timings``."""
     for batch in BATCHES:
         if queries.shape[0] < batch:
             continue
         fns = _callables(methods, queries, batch)
-        stats, _ = measure_interleaved(fns, names=[m.name for m in methods], **_rounds(s, threads))
+        stats, _ = measure_interleaved(fns, names=[m.name for m in methods], **round_settings(s, threads))
         for m, st in zip(methods, stats):
             m.timings[str(batch)] = st.as_dict()
 
@@ -331,7 +319,7 @@ def _growth(
             continue
         base, larger = _callables(trees, queries, batch)
         # compare's "speed-up" of the base tree over this size's is the growth.
-        r = compare(base, larger, **_rounds(s, threads, s.growth_rounds))
+        r = compare(base, larger, **round_settings(s, threads, s.growth_rounds))
         out["batches"][str(batch)] = {
             "from_median": r["kernel"]["median"],
             "median": r["reference"]["median"],

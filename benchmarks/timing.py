@@ -44,6 +44,19 @@ def _calls_per_block(timer: Timer, block_s: float) -> int:
     return max(1, min(100_000, int(block_s / max(per_call, 1e-9))))
 
 
+def round_settings(sizes, threads: int, rounds: int | None = None) -> dict:
+    """measure_interleaved's keyword arguments from a preset (``min_rounds``, ``max_rounds``,
+    ``min_time_s``, ``max_time_s``, ``block_s``) and a thread count; ``rounds``: exactly that many."""
+    return {
+        "threads": threads,
+        "min_rounds": sizes.min_rounds if rounds is None else rounds,
+        "max_rounds": sizes.max_rounds if rounds is None else rounds,
+        "min_time_s": sizes.min_time_s,
+        "max_time_s": sizes.max_time_s,
+        "block_s": sizes.block_s,
+    }
+
+
 def measure_interleaved(
     fns: Sequence[Callable[[], object]],
     *,
