@@ -40,13 +40,16 @@ def test_minilm_memory_finds_the_right_document(encoder, tmp_path):
     ] * 5
     memory = HierarchicalMemory.build(docs, encoder, MemoryConfig(d_model=384, chunk_size=32, fanout=4), progress=False)
     assert memory.num_levels == 3
-    result = memory.retrieve(["serialize an object to json", "hash bytes with sha256"], t=4, k=3)
+    queries = ["serialize an object to json", "hash bytes with sha256"]
+    result = memory.retrieve(queries, t=4, k=3)
     assert {c.doc_id % 4 for c in result.chunks[0]} == {0}
     assert {c.doc_id % 4 for c in result.chunks[1]} == {1}
     memory.save(tmp_path / "minilm.mllm")
     assert (tmp_path / "minilm.mllm").stat().st_size < 30_000_000  # the 90 MB frozen backbone is saved by reference
     loaded = HierarchicalMemory.load(tmp_path / "minilm.mllm", encoder=encoder)
-    assert loaded.retrieve(["hash bytes with sha256"], t=4, k=3).chunks == result.chunks[1:]
+    # The same batch as before: the encoder's matmuls may round a query differently in another batch
+    # (1 ulp with oneDNN on AVX-512), and the loaded memory must answer with the very same bits.
+    assert loaded.retrieve(queries, t=4, k=3).chunks == result.chunks
 
 
 def test_bfloat16_autocast_stays_close(encoder):
