@@ -40,11 +40,12 @@ def _xor_of_blocks(keys: torch.Tensor, parents: torch.Tensor, fanout: int) -> li
     [(torch.float16, 1_000, 384, 64), (torch.int8, 999, 384, 64), (torch.float32, 130, 8, 7), (torch.int8, 5, 32, 1)],
 )
 @pytest.mark.parametrize("threads", [1, 2])
-def test_block_read_reads_the_blocks_of_every_parent(dtype, n, dim, fanout, threads):
+@pytest.mark.parametrize("num_parents", [3, 11])  # 11: groups of 4, 4 and 3 blocks read in turn
+def test_block_read_reads_the_blocks_of_every_parent(dtype, n, dim, fanout, threads, num_parents):
     gen = torch.Generator().manual_seed(n)
     keys = torch.randint(-100, 100, (n, dim), generator=gen).to(dtype)
     blocks = -(-n // fanout)
-    parents = torch.randint(0, blocks, (7, 3), generator=gen)
+    parents = torch.randint(0, blocks, (7, num_parents), generator=gen)
     parents[1, 2] = -1  # an empty slot
     parents[2] = -1  # a row with no parent
     parents[3, 0] = blocks - 1  # the last block, short when fanout does not divide n

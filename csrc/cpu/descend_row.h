@@ -40,6 +40,7 @@ struct RowScratch {
   std::vector<Candidate> candidates;  // int8 keys: the children the screen could not rule out
   std::vector<float> lower_scores;    // [t] int8 keys: the t best lower bounds of the screened children
   std::vector<int64_t> lower_ids;     // [t]
+  std::vector<ChildRange> blocks;     // the row's children blocks (row_blocks)
 };
 
 // Whether parents[j] already appears in parents[0 .. j) (its children were offered already).
@@ -55,22 +56,17 @@ inline void offer(RunningTopT<acc_t>& top, acc_t score, int64_t id) {
   top.push(score, id);
 }
 
-// Calls on_block(prefetcher, first, last) for the children [first, last) of each parent in
-// `parents`, with the key stream (`prefetcher`, which the caller moves on by one row per child)
-// and the next block's int8 scales prefetched; -1 parents are empty, and with `skip_repeated` a
-// parent repeated in the row is walked once.
-template <typename key_t, typename acc_t, typename OnBlock>
-inline void for_each_block(const LevelView<key_t, acc_t>& level, const int64_t* parents, int64_t num_parents,
-                           int64_t fanout, bool skip_repeated, OnBlock&& on_block) {
-  const int64_t row_bytes = level.dim * int64_t(sizeof(key_t));
-  BlockPrefetcher prefetcher(level.keys, fanout * row_bytes, level.num_nodes * row_bytes, parents, num_parents);
+// The children blocks of `parents` into `blocks`, in order: -1 parents are empty, and with
+// `skip_repeated` a parent repeated in the row is read once; the last block may be short.
+template <typename key_t, typename acc_t>
+inline void row_blocks(const LevelView<key_t, acc_t>& level, const int64_t* parents, int64_t num_parents,
+                       int64_t fanout, bool skip_repeated, std::vector<ChildRange>& blocks) {
+  blocks.clear();
   for (int64_t j = 0; j < num_parents; ++j) {
     const int64_t parent = parents[j];
     if (parent < 0 || (skip_repeated && repeats_earlier(parents, j))) continue;
-    if (level.scales != nullptr && j + 1 < num_parents && parents[j + 1] >= 0)  // the next block's first scales
-      prefetch_row(level.scales + parents[j + 1] * fanout, std::min<int64_t>(fanout, 64) * int64_t(sizeof(float)));
     const int64_t first = parent * fanout;
-    on_block(prefetcher, first, first + std::min(fanout, level.num_nodes - first));
+    blocks.push_back({first, first + std::min(fanout, level.num_nodes - first)});
   }
 }
 
@@ -102,6 +98,8 @@ inline void descend_row_screened(const LevelView<int8_t, float>& level, const fl
                      candidates.end());
   };
   constexpr int kKeys = Int8Screen::kKeys;
+  constexpr int64_t kScreenChunk = 8;  // children read from one block in turn: whole screen groups
+  static_assert(kScreenChunk % kKeys == 0, "a chunk holds whole screen groups");
   // The children [first, first + count) of one block, count <= kKeys; bit j of `live`: child
   // first + j is not masked.
   auto screen_group = [&](int64_t first, int count, unsigned live) {
@@ -124,17 +122,19 @@ inline void descend_row_screened(const LevelView<int8_t, float>& level, const fl
       if (candidates.size() > prune_at / 2) prune_at *= 2;
     }
   };
-  for_each_block(level, parents, num_parents, fanout, skip_repeated,
-                 [&](BlockPrefetcher& prefetcher, int64_t first, int64_t last) {
-                   for (int64_t group = first; group < last; group += kKeys) {
-                     const int count = static_cast<int>(std::min<int64_t>(kKeys, last - group));
-                     prefetcher.advance(count * level.dim);
-                     unsigned live = (1u << count) - 1;
-                     if (level.mask != nullptr)
-                       for (int j = 0; j < count; ++j) live &= ~(unsigned(!level.mask[group + j]) << j);
-                     if (live != 0) screen_group(group, count, live);
-                   }
-                 });
+  row_blocks(level, parents, num_parents, fanout, skip_repeated, scratch.blocks);
+  for_each_chunk(
+      level.keys, level.dim, scratch.blocks.data(), static_cast<int64_t>(scratch.blocks.size()), kScreenChunk,
+      [&](int64_t, int64_t first, int64_t count) {
+        for (int64_t group = first; group < first + count; group += kKeys) {
+          const int size = static_cast<int>(std::min<int64_t>(kKeys, first + count - group));
+          unsigned live = (1u << size) - 1;
+          if (level.mask != nullptr)
+            for (int j = 0; j < size; ++j) live &= ~(unsigned(!level.mask[group + j]) << j);
+          if (live != 0) screen_group(group, size, live);
+        }
+      },
+      [&](int64_t first, int64_t count) { prefetch_row(level.scales + first, count * int64_t(sizeof(float))); });
   prune();
   std::sort(candidates.begin(), candidates.end(),
             [](const Candidate& a, const Candidate& b) { return a.upper > b.upper; });
@@ -186,11 +186,12 @@ void descend_row(const LevelView<key_t, acc_t>& level, int64_t b, const int64_t*
   };
   GroupedDots scorer(level.keys, level.dim, scratch.dots, push);
   scorer.use_probes(probes, level.num_probes);
-  const int64_t row_bytes = level.dim * int64_t(sizeof(key_t));
-  for_each_block(level, parents, num_parents, fanout, skip_repeated,
-                 [&](BlockPrefetcher& prefetcher, int64_t first, int64_t last) {
-                   for_each_child(prefetcher, row_bytes, first, last, level.mask,
-                                  [&](int64_t child) { scorer.add(child); });
+  row_blocks(level, parents, num_parents, fanout, skip_repeated, scratch.blocks);
+  for_each_chunk(level.keys, level.dim * int64_t(sizeof(key_t)), scratch.blocks.data(),
+                 static_cast<int64_t>(scratch.blocks.size()), kMaxDotGroup,
+                 [&](int64_t, int64_t first, int64_t count) {
+                   for (int64_t child = first; child < first + count; ++child)
+                     if (level.mask == nullptr || level.mask[child]) scorer.add(child);
                  });
   scorer.flush();
   top.finish();
