@@ -1,6 +1,6 @@
 // Scoring the children of parent blocks, shared by descend_row, descend_rows_shared and
-// score_children: the walk over one block's children (the prefetch stream and the mask), the
-// groups of children scored together, and a child's score from its dot products.
+// score_children: the groups of children scored together, and a child's score from its dot
+// products. (The walk over the blocks and their prefetch stream: prefetch_stream.h.)
 #pragma once
 
 #include <cstdint>
@@ -13,29 +13,6 @@
 #include "simd.h"
 
 namespace mllm::cpu {
-
-// Walks the children [first, last) of one parent block in order, moving the prefetch stream on by
-// one row for each: on_child(child) gets those that `mask` (nullptr: all) keeps, on_masked(child)
-// the others.
-template <typename OnChild, typename OnMasked>
-inline void for_each_child(BlockPrefetcher& prefetcher, int64_t row_bytes, int64_t first, int64_t last,
-                           const bool* mask, OnChild&& on_child, OnMasked&& on_masked) {
-  for (int64_t child = first; child < last; ++child) {
-    prefetcher.advance(row_bytes);
-    if (mask != nullptr && !mask[child]) {
-      on_masked(child);
-    } else {
-      on_child(child);
-    }
-  }
-}
-
-// for_each_child for a walk that ignores the children the mask drops.
-template <typename OnChild>
-inline void for_each_child(BlockPrefetcher& prefetcher, int64_t row_bytes, int64_t first, int64_t last,
-                           const bool* mask, OnChild&& on_child) {
-  for_each_child(prefetcher, row_bytes, first, last, mask, on_child, [](int64_t) {});
-}
 
 // GroupedDots' buffers, kept by the caller across rows and calls (no allocation per row).
 template <typename acc_t>

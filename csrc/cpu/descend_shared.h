@@ -112,8 +112,10 @@ void descend_rows_shared(const LevelView<key_t, acc_t>& level, int64_t first_row
   for_each_chunk(level.keys, row_bytes, blocks.data(), static_cast<int64_t>(blocks.size()), kMaxDotGroup,
                  [&](int64_t block, int64_t first, int64_t count) {
                    const size_t begin = block_pairs[block], end = block_pairs[block + 1];
-                   // A block's bounds are set at its first chunk, from the tops as the blocks read
-                   // before it left them (then kept up to date by offer_to_rows).
+                   // A block's bounds are set at its first chunk, from the tops as the chunks read
+                   // before it left them, then raised by offer_to_rows for the rows it offers to (a
+                   // bound left lower, of a row whose top another block raised, only lets more
+                   // children through to offer()).
                    if (first == blocks[block].first)
                      for (size_t i = begin; i < end; ++i) refresh_bound(i);
                    int64_t ids[kMaxDotGroup];

@@ -1,5 +1,5 @@
-// Software prefetch of key rows; the key blocks of a descent as one prefetched stream (BlockPrefetcher:
-// one block after the other; for_each_chunk: a few blocks at a time, read in turn).
+// Software prefetch of key rows, and the walk over a descent's key blocks (a few blocks at a time,
+// read in turn) with one prefetch stream in the same order.
 #pragma once
 
 #include <algorithm>
@@ -8,8 +8,8 @@
 namespace mllm::cpu {
 
 // Prefetches the line at `p` into the L2 (and the L3). On x86 as an asm statement: GCC deleted
-// whole loops of __builtin_prefetch (a loop with no other effect), so that some of the streams
-// below silently lost their first kPrefetchBytes.
+// whole loops of __builtin_prefetch (a loop with no other effect) in some of their copies, and
+// the first kPrefetchBytes of each of the descent's prefetch streams went unprefetched.
 inline void prefetch_line(const char* p) {
 #if defined(__x86_64__) || defined(_M_X64)
   asm volatile("prefetcht1 %0" : : "m"(*p));
@@ -27,58 +27,10 @@ inline void prefetch_row(const void* p, int64_t bytes) {
 // How far ahead of the row being scored the key stream is prefetched. On the 2-core AMD EPYC
 // (Zen 4, AVX2) of the benchmarks, a level far larger than the caches (B=64, one probe, random
 // parents) reads at about the same speed 6 and 12 KiB ahead, 1.5x slower 3 KiB ahead, and 2.3x
-// slower without software prefetch: the hardware prefetchers do not follow random blocks.
+// slower without software prefetch: the hardware prefetchers do not follow random blocks. On a
+// 2-core Intel Xeon (AVX-512), 16 and 32 KiB are within the noise of 8 KiB, and no lead (each row
+// prefetched as it is read) is 0.64x-0.97x as fast.
 constexpr int64_t kPrefetchBytes = 8192;
-
-// Prefetches (into the L2) the key blocks of a list of parents in order, `kPrefetchBytes`
-// ahead of the consumer and across block boundaries: the next block's first rows are in flight
-// when a block ends, without a burst of prefetches at each block start (a burst fills the
-// core's miss buffers and stalls it). -1 parents are skipped; the last block may be short.
-class BlockPrefetcher {
- public:
-  // base: the level's keys; block_bytes: the bytes of one parent's children (fanout rows);
-  // level_bytes: the bytes of the whole level.
-  BlockPrefetcher(const void* base, int64_t block_bytes, int64_t level_bytes, const int64_t* parents,
-                  int64_t num_parents)
-      : base_(static_cast<const char*>(base)),
-        block_bytes_(block_bytes),
-        level_bytes_(level_bytes),
-        parents_(parents),
-        num_parents_(num_parents) {
-    advance(kPrefetchBytes);
-  }
-
-  // Moves the stream on by `bytes` (call once per row scored, or skipped, with the row's size).
-  void advance(int64_t bytes) {
-    while (bytes > 0) {
-      if (pos_ >= end_ && !next_block()) return;
-      const int64_t step = std::min(bytes, end_ - pos_);
-      prefetch_row(base_ + pos_, step);
-      pos_ += step;
-      bytes -= step;
-    }
-  }
-
- private:
-  bool next_block() {
-    while (next_ < num_parents_) {
-      const int64_t parent = parents_[next_++];
-      if (parent < 0) continue;
-      pos_ = parent * block_bytes_;
-      end_ = std::min(pos_ + block_bytes_, level_bytes_);
-      if (pos_ < end_) return true;
-    }
-    return false;
-  }
-
-  const char* base_;
-  int64_t block_bytes_, level_bytes_;
-  const int64_t* parents_;
-  int64_t num_parents_;
-  int64_t next_ = 0;     // the next entry of parents_ to stream
-  int64_t pos_ = 0;      // byte offset of the next line to prefetch
-  int64_t end_ = 0;      // end of the current block
-};
 
 // The children [first, last) of one parent.
 struct ChildRange {

@@ -66,38 +66,50 @@ std::tuple<at::Tensor, at::Tensor> score_children(const at::Tensor& probes, cons
       int64_t* id_data = child_ids.data_ptr<int64_t>();
       const int64_t work = batch * num_parents;
       at::parallel_for(0, work, 1, [&](int64_t begin, int64_t end) {
-        const int64_t row_bytes = dim * int64_t(sizeof(key_t));
-        GroupedDotsScratch<acc_t> dots;
-        BlockPrefetcher prefetcher(key_data, fanout * row_bytes, num_nodes * row_bytes, parent_data + begin,
-                                   end - begin);
-        // The parent being scored: its output slots, and its first child (in slot 0).
-        acc_t* slot_scores = nullptr;
-        int64_t* slot_ids = nullptr;
-        int64_t first = 0;
-        auto set_slot = [&](int64_t child, acc_t score, int64_t id) {
-          slot_scores[child - first] = score;
-          slot_ids[child - first] = id;
-        };
-        auto store = [&](int64_t child, acc_t* child_dots) {
-          set_slot(child, child_score<key_t>(child_dots, num_probes, scale_data, child, lse), child);
-        };
-        auto empty_slot = [&](int64_t child) { set_slot(child, -INFINITY, -1); };
-        GroupedDots scorer(key_data, dim, dots, store);
+        // Item `begin + k` (query row b, parent j) scores blocks[k]; the slots of its missing
+        // children (a short last block, no parent) are empty.
+        std::vector<ChildRange> blocks;
+        blocks.reserve(end - begin);
         for (int64_t item = begin; item < end; ++item) {
-          const int64_t b = item / num_parents, j = item % num_parents;
           const int64_t parent = parent_data[item];
-          // Children [0, valid) of this parent exist; the rest of its slots are empty.
-          const int64_t valid = parent < 0 ? 0 : std::min(fanout, num_nodes - parent * fanout);
-          first = parent * fanout;
-          slot_scores = score_data + b * num_slots + j * fanout;
-          slot_ids = id_data + b * num_slots + j * fanout;
-          scorer.use_probes(probe_data + b * num_probes * dim, num_probes);
-          for_each_child(
-              prefetcher, row_bytes, first, first + valid, mask_data, [&](int64_t child) { scorer.add(child); },
-              empty_slot);
-          scorer.flush();
-          for (int64_t child = first + valid; child < first + fanout; ++child) empty_slot(child);
+          const int64_t first = parent < 0 ? 0 : parent * fanout;
+          const int64_t valid = parent < 0 ? 0 : std::min(fanout, num_nodes - first);
+          blocks.push_back({first, first + valid});
+          for (int64_t slot = item * fanout + valid; slot < (item + 1) * fanout; ++slot) {
+            score_data[slot] = -INFINITY;
+            id_data[slot] = -1;
+          }
         }
+        std::vector<const acc_t*> probe_rows(num_probes);
+        std::vector<acc_t> dots(kMaxDotGroup * num_probes);
+        for_each_chunk(
+            key_data, dim * int64_t(sizeof(key_t)), blocks.data(), end - begin, kMaxDotGroup,
+            [&](int64_t k, int64_t first, int64_t count) {
+              const int64_t item = begin + k, b = item / num_parents;
+              // The output slot of a child: [batch, num_parents, fanout], child c of item k at c - blocks[k].first.
+              auto slot = [&](int64_t child) { return item * fanout + (child - blocks[k].first); };
+              int64_t ids[kMaxDotGroup];
+              int num_ids = 0;
+              for (int64_t child = first; child < first + count; ++child) {
+                if (mask_data == nullptr || mask_data[child]) {
+                  ids[num_ids++] = child;
+                } else {
+                  score_data[slot(child)] = -INFINITY;
+                  id_data[slot(child)] = -1;
+                }
+              }
+              if (num_ids == 0) return;
+              for (int64_t p = 0; p < num_probes; ++p) probe_rows[p] = probe_data + (b * num_probes + p) * dim;
+              multi_dot_keys(probe_rows.data(), num_probes, dim, key_data, ids, num_ids, dots.data());
+              for (int i = 0; i < num_ids; ++i) {
+                score_data[slot(ids[i])] =
+                    child_score<key_t>(dots.data() + i * num_probes, num_probes, scale_data, ids[i], lse);
+                id_data[slot(ids[i])] = ids[i];
+              }
+            },
+            [&](int64_t first, int64_t count) {
+              if (scale_data != nullptr) prefetch_row(scale_data + first, count * int64_t(sizeof(float)));
+            });
       });
     });
   });
