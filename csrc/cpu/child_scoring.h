@@ -1,6 +1,6 @@
-// Scoring the children of parent blocks, shared by descend_row, descend_rows_shared and
-// score_children: the groups of children scored together, and a child's score from its dot
-// products. (The walk over the blocks and their prefetch stream: prefetch_stream.h.)
+// Scoring the children of parent blocks: the groups of children scored together (descend_row),
+// and a child's score from its dot products (every descent and score_children). The walk over
+// the blocks and their prefetch stream: prefetch_stream.h.
 #pragma once
 
 #include <cstdint>
@@ -9,7 +9,6 @@
 
 #include "../common/probe_reduce.h"
 #include "../common/quantized.h"
-#include "prefetch_stream.h"
 #include "simd.h"
 
 namespace mllm::cpu {

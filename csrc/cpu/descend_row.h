@@ -12,6 +12,7 @@
 #include "../common/top_t.h"
 #include "child_scoring.h"
 #include "int8_screen.h"
+#include "prefetch_stream.h"
 
 namespace mllm::cpu {
 

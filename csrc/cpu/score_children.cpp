@@ -13,6 +13,7 @@
 #include "../common/quantized.h"
 #include "child_scoring.h"
 #include "kernels.h"
+#include "prefetch_stream.h"
 #include "simd.h"
 
 namespace mllm::cpu {
