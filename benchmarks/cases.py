@@ -26,8 +26,9 @@ the kernel reads (the keys; not the int8 scales), read in the same order with th
 prefetch stream and no scoring (``block_read.py``), so the report can give the kernel's bandwidth
 against that of its access pattern.
 
-descend and score_children draw ``PARENT_SETS`` parent sets and use the next one at every call,
-so that on a level larger than the caches the keys come from memory, not from the L3.
+descend and score_children draw enough parent sets to touch four times the largest cache
+(:func:`parent_set_count`) and use the next one at every call, so that on a level larger than the
+caches the keys come from memory, not from the L3.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import torch
 
 import mllm_kernels as mk
 
+from .report import largest_cache_bytes
 from .sizes import Sizes
 
 KEY_DTYPE = torch.float16
@@ -101,13 +103,27 @@ def _random_parents(B: int, n_parents: int, T: int, gen) -> torch.Tensor:
 
 # Parent sets a case cycles through, one per call: the keys one set touches (B * T blocks of
 # fanout rows, 25 MB at the default sizes) would stay in the L3 if every call read the same ones,
-# so a level "beyond the caches" would be read from the L3 after the first call.
+# so a level "beyond the caches" would be read from the L3 after the first call. The sets touch
+# at least four times the largest cache together, and there are PARENT_SETS to MAX_PARENT_SETS
+# of them (the small presets' sets are tiny: their levels stay in the caches anyway).
 PARENT_SETS = 16
+MAX_PARENT_SETS = 256
+
+
+def parent_set_count(set_bytes: int, cache_bytes: int | None) -> int:
+    """How many parent sets of ``set_bytes`` each it takes to touch four times ``cache_bytes``
+    (clamped to ``PARENT_SETS`` .. ``MAX_PARENT_SETS``)."""
+    if not cache_bytes or set_bytes <= 0:
+        return PARENT_SETS
+    return min(MAX_PARENT_SETS, max(PARENT_SETS, -(-4 * cache_bytes // set_bytes)))
 
 
 def _parent_sets(s: Sizes, n: int, inp: Inputs) -> list[torch.Tensor]:
-    """``PARENT_SETS`` random ``[B, T]`` parent sets of a level of ``n`` nodes."""
-    return [inp.put(_random_parents(s.B, -(-n // s.fanout), s.T, inp.gen)) for _ in range(PARENT_SETS)]
+    """Random ``[B, T]`` parent sets of a level of ``n`` nodes, enough to read past the caches
+    (:func:`parent_set_count`, for float16 keys)."""
+    set_bytes = s.B * s.T * s.fanout * s.D * KEY_DTYPE.itemsize
+    count = parent_set_count(set_bytes, largest_cache_bytes())
+    return [inp.put(_random_parents(s.B, -(-n // s.fanout), s.T, inp.gen)) for _ in range(count)]
 
 
 def _cycle(items: list) -> Callable[[], object]:

@@ -41,6 +41,21 @@ def _cache_sizes() -> str:
     return ", ".join(parts) or "unknown"
 
 
+def largest_cache_bytes() -> int | None:
+    """Size of CPU 0's largest data or unified cache (its L3 on most machines) from sysfs, or None."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            if (index / "type").read_text().strip() == "Instruction":
+                continue
+            size = (index / "size").read_text().strip()
+            sizes.append(int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size))
+        except (OSError, ValueError):
+            continue
+    return max(sizes, default=None)
+
+
 def _version(dist: str) -> str:
     """Installed version of ``dist``; for this project's own package, the in-tree version."""
     try:

@@ -85,3 +85,14 @@ def test_smoke_run_times_the_block_read_beside_the_block_readers(tmp_path):
         assert "block_read" not in case
     table = Path(results["files"]["markdown"]).read_text()
     assert "% block read" in table
+
+
+def test_parent_sets_touch_four_times_the_largest_cache():
+    from benchmarks.cases import MAX_PARENT_SETS, PARENT_SETS, parent_set_count
+
+    set_bytes = 64 * 8 * 64 * 384 * 2  # the full preset's float16 blocks of one call: 25.2 MB
+    assert parent_set_count(set_bytes, 32 << 20) == PARENT_SETS  # a 32 MiB L3: the minimum covers it
+    assert parent_set_count(set_bytes, 300 << 20) == 50  # a 300 MiB L3: 50 sets, 1.26 GB
+    assert parent_set_count(set_bytes, 300 << 20) * set_bytes >= 4 * (300 << 20)
+    assert parent_set_count(set_bytes, None) == PARENT_SETS  # no cache sizes in sysfs
+    assert parent_set_count(1_000, 300 << 20) == MAX_PARENT_SETS  # a smoke preset's tiny sets
