@@ -25,33 +25,33 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _cache_sizes() -> str:
-    """Cache sizes of CPU 0 from sysfs, e.g. ``L1d 32K, L2 1024K, L3 32768K``."""
-    base = Path("/sys/devices/system/cpu/cpu0/cache")
-    parts = []
-    for index in sorted(base.glob("index*")):
+def _caches() -> list[tuple[str, str, str]]:
+    """``(level, type, size)`` of CPU 0's data and unified caches from sysfs, e.g. ``("3", "Unified", "32768K")``."""
+    caches = []
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
         try:
-            level = (index / "level").read_text().strip()
-            kind = (index / "type").read_text().strip()
-            size = (index / "size").read_text().strip()
+            level, kind, size = ((index / name).read_text().strip() for name in ("level", "type", "size"))
         except OSError:
             continue
         if kind != "Instruction":
-            parts.append(f"L{level}{'d' if kind == 'Data' else ''} {size}")
+            caches.append((level, kind, size))
+    return caches
+
+
+def _cache_sizes() -> str:
+    """Cache sizes of CPU 0 from sysfs, e.g. ``L1d 32K, L2 1024K, L3 32768K``."""
+    parts = [f"L{level}{'d' if kind == 'Data' else ''} {size}" for level, kind, size in _caches()]
     return ", ".join(parts) or "unknown"
 
 
 def largest_cache_bytes() -> int | None:
-    """Size of CPU 0's largest data or unified cache (its L3 on most machines) from sysfs, or None."""
+    """Size of CPU 0's largest data or unified cache (its L3 on most machines), or None."""
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     sizes = []
-    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+    for _, _, size in _caches():
         try:
-            if (index / "type").read_text().strip() == "Instruction":
-                continue
-            size = (index / "size").read_text().strip()
-            sizes.append(int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size))
-        except (OSError, ValueError):
+            sizes.append(int(size[:-1]) * units[size[-1]] if size[-1:] in units else int(size))
+        except ValueError:
             continue
     return max(sizes, default=None)
 
