@@ -43,8 +43,7 @@ extern "C" void read_blocks(const char* keys, int64_t row_bytes, int64_t num_nod
       blocks.clear();
       for (int64_t j = 0; j < num_parents; ++j) {
         if (row_parents[j] < 0) continue;
-        const int64_t first = row_parents[j] * fanout;
-        blocks.push_back({first, first + fanout < num_nodes ? first + fanout : num_nodes});
+        blocks.push_back(mllm::cpu::children_of(row_parents[j], fanout, num_nodes));
       }
       Lanes acc = {0, 0, 0, 0};
       mllm::cpu::for_each_chunk(keys, row_bytes, blocks.data(), static_cast<int64_t>(blocks.size()), chunk,

@@ -66,8 +66,7 @@ inline void row_blocks(const LevelView<key_t, acc_t>& level, const int64_t* pare
   for (int64_t j = 0; j < num_parents; ++j) {
     const int64_t parent = parents[j];
     if (parent < 0 || (skip_repeated && repeats_earlier(parents, j))) continue;
-    const int64_t first = parent * fanout;
-    blocks.push_back({first, first + std::min(fanout, level.num_nodes - first)});
+    blocks.push_back(children_of(parent, fanout, level.num_nodes));
   }
 }
 

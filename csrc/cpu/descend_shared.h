@@ -52,16 +52,15 @@ void descend_rows_shared(const LevelView<key_t, acc_t>& level, int64_t first_row
   auto& block_pairs = scratch.block_pairs;
   blocks.clear();
   block_pairs.clear();
-  size_t most_sharing = 0;
   for (size_t i = 0; i < pairs.size(); ++i) {
     if (i > 0 && pairs[i].first == pairs[i - 1].first) continue;
-    if (!block_pairs.empty()) most_sharing = std::max(most_sharing, i - block_pairs.back());
-    const int64_t first = pairs[i].first * fanout;
-    blocks.push_back({first, first + std::min(fanout, level.num_nodes - first)});
+    blocks.push_back(children_of(pairs[i].first, fanout, level.num_nodes));
     block_pairs.push_back(i);
   }
-  if (!block_pairs.empty()) most_sharing = std::max(most_sharing, pairs.size() - block_pairs.back());
   block_pairs.push_back(pairs.size());
+  size_t most_sharing = 0;  // the most rows that chose one parent
+  for (size_t k = 0; k + 1 < block_pairs.size(); ++k)
+    most_sharing = std::max(most_sharing, block_pairs[k + 1] - block_pairs[k]);
 
   auto& tops = scratch.tops;
   tops.clear();

@@ -37,6 +37,13 @@ struct ChildRange {
   int64_t first, last;
 };
 
+// The children of `parent` (>= 0) in a level of `num_nodes` rows, `fanout` per parent: the last
+// parent's block may be short.
+inline ChildRange children_of(int64_t parent, int64_t fanout, int64_t num_nodes) {
+  const int64_t first = parent * fanout;
+  return {first, std::min(first + fanout, num_nodes)};
+}
+
 // How many blocks for_each_chunk reads at once. Reading several blocks in turn gives the core's
 // hardware prefetchers several streams to follow while the keys are scored. On a 2-core Intel
 // Xeon (AVX-512), descend on a level far larger than the caches (B=64, T=8, fanout 64, D=384)

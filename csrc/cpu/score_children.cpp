@@ -73,9 +73,8 @@ std::tuple<at::Tensor, at::Tensor> score_children(const at::Tensor& probes, cons
         blocks.reserve(end - begin);
         for (int64_t item = begin; item < end; ++item) {
           const int64_t parent = parent_data[item];
-          const int64_t first = parent < 0 ? 0 : parent * fanout;
-          const int64_t valid = parent < 0 ? 0 : std::min(fanout, num_nodes - first);
-          blocks.push_back({first, first + valid});
+          blocks.push_back(parent < 0 ? ChildRange{0, 0} : children_of(parent, fanout, num_nodes));
+          const int64_t valid = blocks.back().last - blocks.back().first;
           for (int64_t slot = item * fanout + valid; slot < (item + 1) * fanout; ++slot) {
             score_data[slot] = -INFINITY;
             id_data[slot] = -1;
