@@ -349,7 +349,8 @@ def test_descend_matches_float_keys_on_exact_values(backend, gen):
 # With AVX2 or AVX-512 VNNI the CPU descent bounds each int8 row's score from above and below
 # from the probes rounded to integer digits, and skips rows whose upper bound is below the t-th
 # best lower bound. Its result must be bit for bit the top t of score_children's scores, which
-# the same float32 arithmetic computes without skipping.
+# the same float32 arithmetic computes without skipping. Rows that share their parents (4 rows
+# per parent or more) are scored together without the screen: the same bits.
 
 
 def _cpu_top_without_screen(probes, q, scales, parents, fanout, t, reduce, mask):
@@ -359,13 +360,19 @@ def _cpu_top_without_screen(probes, q, scales, parents, fanout, t, reduce, mask)
 
 
 def _check_screen(probes, q, scales, parents, fanout, t, reduce, mask=None):
-    ids, scores = mk.descend(probes, q, parents, fanout, t, reduce, mask, scales, backend="cpu")
+    """The batch, and each row alone: rows that share their parents enough are scored together
+    without the screen, a row alone goes through it (where more than 4t children make it pay)."""
     exp_ids, exp_scores = _cpu_top_without_screen(probes, q, scales, parents, fanout, t, reduce, mask)
+    ids, scores = mk.descend(probes, q, parents, fanout, t, reduce, mask, scales, backend="cpu")
     assert torch.equal(ids, exp_ids), f"{ids} != {exp_ids}"
     assert torch.equal(scores, exp_scores), f"{scores} != {exp_scores}"
+    for b in range(probes.shape[0]):
+        ids, scores = mk.descend(probes[b : b + 1], q, parents[b : b + 1], fanout, t, reduce, mask, scales, backend="cpu")
+        assert torch.equal(ids[0], exp_ids[b]), f"row {b}: {ids[0]} != {exp_ids[b]}"
+        assert torch.equal(scores[0], exp_scores[b]), f"row {b}: {scores[0]} != {exp_scores[b]}"
 
 
-@pytest.mark.parametrize("P", [1, 4, 9])  # whole and partial blocks of four probes
+@pytest.mark.parametrize("P", [1, 4, 9])  # whole and partial blocks of probes (2 with VNNI, 4 with AVX2)
 @pytest.mark.parametrize("D", [1, 64, 200])  # whole and partial 64-byte chunks
 @pytest.mark.parametrize("reduce", REDUCES)
 def test_cpu_screen_is_exact(P, D, reduce, gen):
@@ -397,9 +404,10 @@ def test_cpu_screen_exact_ties(P, reduce, gen):
 @pytest.mark.parametrize("P", [1, 2, 5])
 @pytest.mark.parametrize("reduce", REDUCES)
 def test_cpu_rows_sharing_parents_without_screen(P, reduce, gen):
-    """With few children per t (at most 4t), int8 rows skip the screen, and rows that share parents
-    are scored together (scaled dots against each row's t-th score), on one thread and two: the
-    same bits as scoring each row alone. Small integers (exact ties), negative, zero and
+    """With few children per t (at most 4t), or many rows per parent (here 6 to 12), int8 rows skip
+    the screen, and rows that share parents are scored together (scaled dots against each row's
+    t-th score), on one thread and two: the same bits as scoring each row alone (through the
+    screen where it has more than 4t children). Small integers (exact ties), negative, zero and
     non-finite scales, masked children, empty and repeated parents."""
     B, D, N, fanout, T = 24, 12, 45, 8, 3  # 6 parents, the last one short
     q = torch.randint(-3, 4, (N, D), generator=gen).to(I8)
@@ -410,7 +418,7 @@ def test_cpu_rows_sharing_parents_without_screen(P, reduce, gen):
     mask = make_mask(N, gen, p_keep=0.8)
     for num_threads in (1, 2):
         with torch_threads(num_threads):
-            for t in (6, 24):  # 3 * 8 children <= 4 t
+            for t in (2, 6, 24):  # 3 * 8 children: > 4 t, <= 4 t
                 for m in (None, mask):
                     _check_screen(probes, q, scales, parents, fanout, t, reduce, m)
 

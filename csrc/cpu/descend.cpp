@@ -34,7 +34,7 @@ struct PreparedLevel {
   // run into rows first_row .. first_row + num_rows of the outputs together, where row b's
   // parents are parents_of(b): keys scored exactly share the reads of parents that several rows
   // selected (descend_rows_shared); rows that the int8 screen takes (it skips most keys) go one
-  // by one.
+  // by one, unless they share their parents enough (kShareOverScreen).
   std::function<void(int64_t first_row, int64_t num_rows, const std::function<const int64_t*(int64_t)>& parents_of,
                      int64_t num_parents, int64_t fanout, bool skip_repeated)>
       run_rows;
@@ -47,6 +47,34 @@ struct PreparedLevel {
             static_cast<char*>(scores.data_ptr()) + b * t * scores.element_size(), ids.data_ptr<int64_t>() + b * t);
   }
 };
+
+// From how many rows per parent (rows_per_parent) rows of int8 keys go through the shared exact
+// scoring (descend_rows_shared) instead of the int8 screen one row at a time. The screen reads and
+// bounds a block again for every row that selected it; where many rows share a parent, reading it
+// once for all of them is faster. Measured per level of the e2e trees (clustered data, 1e4 to 1e6
+// leaves, B=16 and 64, t=8 and 32): at 4.3 to 32 rows per parent the shared path took 0.42x-0.91x
+// of the screen's time; at 1.0-2.0 the screen was mostly faster (1.05x-1.52x, once 0.76x). On
+// uniform random keys, where the screen rules out nearly every row, it was 2x faster than the
+// shared path at 2.3 rows per parent (8,192 keys, B=64, T=8, one probe and four).
+constexpr double kShareOverScreen = 4.0;
+
+// The mean number of the rows first_row .. first_row + num_rows that selected each of their
+// distinct parents (-1 parents, and with skip_repeated a parent repeated in a row, aside): 1 when
+// no two rows share a parent.
+double rows_per_parent(int64_t first_row, int64_t num_rows, const std::function<const int64_t*(int64_t)>& parents_of,
+                       int64_t num_parents, bool skip_repeated) {
+  thread_local std::vector<int64_t> ids;
+  ids.clear();
+  for (int64_t b = first_row; b < first_row + num_rows; ++b) {
+    const int64_t* parents = parents_of(b);
+    for (int64_t j = 0; j < num_parents; ++j)
+      if (parents[j] >= 0 && !(skip_repeated && repeats_earlier(parents, j))) ids.push_back(parents[j]);
+  }
+  if (ids.empty()) return 1.0;
+  std::sort(ids.begin(), ids.end());
+  const auto distinct = std::unique(ids.begin(), ids.end()) - ids.begin();
+  return static_cast<double>(ids.size()) / static_cast<double>(distinct);
+}
 
 PreparedLevel prepare_level(const at::Tensor& probes, const at::Tensor& keys, const std::optional<at::Tensor>& mask,
                             const std::optional<at::Tensor>& key_scales, int64_t t, bool lse) {
@@ -82,7 +110,8 @@ PreparedLevel prepare_level(const at::Tensor& probes, const at::Tensor& keys, co
       };
       level.run_rows = [=](int64_t first_row, int64_t num_rows, const std::function<const int64_t*(int64_t)>& parents_of,
                            int64_t num_parents, int64_t fanout, bool skip_repeated) {
-        if (screens<key_t, acc_t>(num_parents * fanout, t)) {
+        if (screens<key_t, acc_t>(num_parents * fanout, t) &&
+            rows_per_parent(first_row, num_rows, parents_of, num_parents, skip_repeated) < kShareOverScreen) {
           thread_local RowScratch<acc_t> scratch;
           for (int64_t b = first_row; b < first_row + num_rows; ++b)
             descend_row(view, b, parents_of(b), num_parents, fanout, skip_repeated, t, scores + b * t, ids + b * t,

@@ -12,7 +12,7 @@
 //
 // Two builds, whichever the compiler targets:
 // - AVX-512 VNNI and BW: int8 digits, vpdpbusd (64 multiply-adds per instruction, the keys
-//   offset to u8), four keys per call;
+//   offset to u8), eight keys per call, two probes at a time (16 int32 lanes);
 // - AVX2: int16 digits, vpmaddwd on the keys sign-extended to int16 (16 multiply-adds per
 //   instruction), eight keys per call, their bounds computed in the eight float lanes. The
 //   digits carry up to 15 bits, so the bound is tight: the rows scored exactly are nearly all
@@ -190,44 +190,30 @@ __attribute__((always_inline)) inline __m512i reduce16_epi32(const __m512i* v) {
   return permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), z);
 }
 
-// sums[4 * j + r] = sum_d (keys[j][d] + 128) * digits[r * stride + d] for 4 key rows j and
-// r < kProbes (0 for r >= kProbes); int32, exact for dim <= 65536. Bytes past dim are masked off
-// (the digits are zero there).
+// sums[2 * j + r] = sum_d (keys[j][d] + 128) * digits[r * stride + d] for 8 key rows j and
+// r < kProbes (0 for r >= kProbes, kProbes <= 2); int32, exact for dim <= 65536. Bytes past dim
+// are masked off (the digits are zero there).
 template <int kProbes>
-__attribute__((always_inline)) inline void screen_dots(const int8_t* const* keys, const int8_t* digits, int64_t stride, int64_t dim,
-                        int32_t* sums) {
+__attribute__((always_inline)) inline void screen_dots(const int8_t* const* keys, const int8_t* digits, int64_t stride,
+                                                       int64_t dim, int32_t* sums) {
+  static_assert(kProbes == 1 || kProbes == 2, "two probes per block");
   __m512i acc[16];
   for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_si512();
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));  // int8 q -> uint8 q + 128
-  const int8_t *k0 = keys[0], *k1 = keys[1], *k2 = keys[2], *k3 = keys[3];
+  // tail: the bytes of a last partial step (0: a whole one, read without a mask).
+  auto step = [&](int64_t d, __mmask64 tail) {
+    const __m512i g0 = _mm512_loadu_si512(digits + d);
+    const __m512i g1 = kProbes > 1 ? _mm512_loadu_si512(digits + stride + d) : g0;
+    for (int j = 0; j < 8; ++j) {
+      const __m512i raw = tail ? _mm512_maskz_loadu_epi8(tail, keys[j] + d) : _mm512_loadu_si512(keys[j] + d);
+      const __m512i q = _mm512_xor_si512(raw, flip);
+      acc[2 * j] = _mm512_dpbusd_epi32(acc[2 * j], q, g0);
+      if constexpr (kProbes > 1) acc[2 * j + 1] = _mm512_dpbusd_epi32(acc[2 * j + 1], q, g1);
+    }
+  };
   int64_t d = 0;
-  for (; d + 64 <= dim; d += 64) {
-    const __m512i q0 = _mm512_xor_si512(_mm512_loadu_si512(k0 + d), flip);
-    const __m512i q1 = _mm512_xor_si512(_mm512_loadu_si512(k1 + d), flip);
-    const __m512i q2 = _mm512_xor_si512(_mm512_loadu_si512(k2 + d), flip);
-    const __m512i q3 = _mm512_xor_si512(_mm512_loadu_si512(k3 + d), flip);
-    for (int r = 0; r < kProbes; ++r) {
-      const __m512i g = _mm512_loadu_si512(digits + r * stride + d);
-      acc[r] = _mm512_dpbusd_epi32(acc[r], q0, g);
-      acc[4 + r] = _mm512_dpbusd_epi32(acc[4 + r], q1, g);
-      acc[8 + r] = _mm512_dpbusd_epi32(acc[8 + r], q2, g);
-      acc[12 + r] = _mm512_dpbusd_epi32(acc[12 + r], q3, g);
-    }
-  }
-  if (d < dim) {
-    const __mmask64 tail = ~0ULL >> (64 - (dim - d));
-    const __m512i q0 = _mm512_xor_si512(_mm512_maskz_loadu_epi8(tail, k0 + d), flip);
-    const __m512i q1 = _mm512_xor_si512(_mm512_maskz_loadu_epi8(tail, k1 + d), flip);
-    const __m512i q2 = _mm512_xor_si512(_mm512_maskz_loadu_epi8(tail, k2 + d), flip);
-    const __m512i q3 = _mm512_xor_si512(_mm512_maskz_loadu_epi8(tail, k3 + d), flip);
-    for (int r = 0; r < kProbes; ++r) {
-      const __m512i g = _mm512_loadu_si512(digits + r * stride + d);
-      acc[r] = _mm512_dpbusd_epi32(acc[r], q0, g);
-      acc[4 + r] = _mm512_dpbusd_epi32(acc[4 + r], q1, g);
-      acc[8 + r] = _mm512_dpbusd_epi32(acc[8 + r], q2, g);
-      acc[12 + r] = _mm512_dpbusd_epi32(acc[12 + r], q3, g);
-    }
-  }
+  for (; d + 64 <= dim; d += 64) step(d, 0);
+  if (d < dim) step(d, ~0ULL >> (64 - (dim - d)));
   _mm512_storeu_si512(sums, reduce16_epi32(acc));
 }
 
@@ -316,7 +302,10 @@ __attribute__((always_inline)) inline void screen_dots(const int8_t* const* keys
 class Int8Screen {
  public:
   // Keys bounded per call.
-  static constexpr int kKeys = MLLM_INT8_SCREEN == MLLM_SCREEN_AVX2 ? 8 : 4;
+  static constexpr int kKeys = 8;
+  // Probes whose digits are dotted with the keys together: two in the 16 int32 lanes of 8 keys
+  // (VNNI), four in AVX2's registers.
+  static constexpr int kProbeBlock = MLLM_INT8_SCREEN == MLLM_SCREEN_VNNI ? 2 : 4;
 
   // Rounds the probes [num_probes, dim] (float32, contiguous) of one query row to digits.
   // Returns false, and the screen must not be used, when the screen is not built, a probe holds
@@ -328,12 +317,12 @@ class Int8Screen {
     log_num_probes_ = static_cast<float>(std::log(static_cast<double>(num_probes)));
     dim_ = dim;
     stride_ = (dim + 63) / 64 * 64;
-    const int64_t blocks = (num_probes + 3) / 4;
-    digits_.assign(blocks * 4 * stride_, 0);
+    const int64_t padded = (num_probes + kProbeBlock - 1) / kProbeBlock * kProbeBlock;
+    digits_.assign(padded * stride_, 0);
     // Unused lanes of the last block: A = 0 and slack = -inf give a bound of -inf.
-    scale_.assign(blocks * 4, 0.0f);
-    slack_.assign(blocks * 4, -INFINITY);
-    correction_.assign(blocks * 4, 0);
+    scale_.assign(padded, 0.0f);
+    slack_.assign(padded, -INFINITY);
+    correction_.assign(padded, 0);
     const double gamma = float_sum_gamma(dim + 16);  // the float32 dot product's own rounding
     const int digit_max = screen_digit_max(dim);
     for (int64_t p = 0; p < num_probes; ++p) {
@@ -373,18 +362,18 @@ class Int8Screen {
   unsigned survivors(const int8_t* const* keys, const float* scales, bool lse, float threshold, float* bounds,
                      float* lower) const {
 #if MLLM_INT8_SCREEN == MLLM_SCREEN_VNNI
-    // Lane 4 j + r: key j, probe r of a block of 4. Per key, the largest s_r <r, q> + slack_r
+    // Lane 2 j + r: key j, probe r of a block of 2. Per key, the largest s_r <r, q> + slack_r
     // (pos) and -s_r <r, q> + slack_r (neg) over the probes: its bound is k * pos for a scale
     // k >= 0, |k| * neg otherwise. float32, with margins for its roundings (see below).
     __m512 pos = _mm512_set1_ps(-INFINITY), neg = _mm512_set1_ps(-INFINITY);
     __m512 pos_lower = _mm512_set1_ps(-INFINITY), neg_lower = _mm512_set1_ps(-INFINITY);
     alignas(64) int32_t sums[16];
-    for (int64_t p0 = 0; p0 < num_probes_; p0 += 4) {
+    // The two floats (or int32) of a block's probes at p, in every pair of lanes.
+    auto pair_ps = [](const float* p) { return _mm512_castpd_ps(_mm512_set1_pd(*reinterpret_cast<const double*>(p))); };
+    for (int64_t p0 = 0; p0 < num_probes_; p0 += kProbeBlock) {
       probe_block_dots(keys, p0, sums);
-      const __m512 scale = _mm512_broadcast_f32x4(_mm_loadu_ps(scale_.data() + p0));
-      const __m512 slack = _mm512_broadcast_f32x4(_mm_loadu_ps(slack_.data() + p0));
-      const __m512i correction =
-          _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(correction_.data() + p0)));
+      const __m512 scale = pair_ps(scale_.data() + p0), slack = pair_ps(slack_.data() + p0);
+      const __m512i correction = _mm512_castps_si512(pair_ps(reinterpret_cast<const float*>(correction_.data() + p0)));
       // <r, q> = sums - 128 sum_d r_d: exact in int32 (|<r, q>| <= 127^2 D); A = s <r, q> rounds twice.
       const __m512 a = _mm512_mul_ps(scale, _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(sums), correction)));
       // 2^-20 (|A| + slack) covers those roundings and that of the sums below (cancellation).
@@ -402,18 +391,15 @@ class Int8Screen {
                                  _mm512_sub_ps(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_add_ps(a, lower_slack)),
                                                lower_margin));
     }
-    // Every lane of a key's 128-bit group gets the group's maximum.
-    auto group_max = [](__m512 v) {
-      v = detail::max_ps(v, detail::permute_ps<_MM_SHUFFLE(2, 3, 0, 1)>(v));
-      return detail::max_ps(v, detail::permute_ps<_MM_SHUFFLE(1, 0, 3, 2)>(v));
-    };
-    const __m512 k = detail::permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
-                                           _mm512_castps128_ps512(_mm_loadu_ps(scales)));
+    // Both lanes of a key's pair get the pair's maximum.
+    auto pair_max = [](__m512 v) { return detail::max_ps(v, detail::permute_ps<_MM_SHUFFLE(2, 3, 0, 1)>(v)); };
+    const __m512 k = detail::permutexvar_ps(_mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7),
+                                           _mm512_castps256_ps512(_mm256_loadu_ps(scales)));
     const __m512 abs_k = _mm512_abs_ps(k);
     const __mmask16 negative = _mm512_cmp_ps_mask(k, _mm512_setzero_ps(), _CMP_LT_OQ);
-    __m512 bound = _mm512_mul_ps(abs_k, _mm512_mask_blend_ps(negative, group_max(pos), group_max(neg)));
+    __m512 bound = _mm512_mul_ps(abs_k, _mm512_mask_blend_ps(negative, pair_max(pos), pair_max(neg)));
     bound = _mm512_fmadd_ps(_mm512_abs_ps(bound), _mm512_set1_ps(float(kScoreBoundRelative)), bound);
-    __m512 low = _mm512_mul_ps(abs_k, _mm512_mask_blend_ps(negative, group_max(pos_lower), group_max(neg_lower)));
+    __m512 low = _mm512_mul_ps(abs_k, _mm512_mask_blend_ps(negative, pair_max(pos_lower), pair_max(neg_lower)));
     low = _mm512_fnmadd_ps(_mm512_abs_ps(low), _mm512_set1_ps(float(kScoreBoundRelative)), low);
     if (lse) {
       bound = _mm512_add_ps(bound, _mm512_set1_ps(log_num_probes_));
@@ -425,23 +411,23 @@ class Int8Screen {
     bound = _mm512_mask_blend_ps(unbounded, bound, _mm512_set1_ps(NAN));
     low = _mm512_mask_blend_ps(unbounded, low, _mm512_set1_ps(NAN));
     const unsigned kept = _mm512_cmp_ps_mask(bound, _mm512_set1_ps(threshold), _CMP_NLT_UQ);
-    alignas(64) float lanes[16], lower_lanes[16];
-    _mm512_store_ps(lanes, bound);
-    _mm512_store_ps(lower_lanes, low);
-    for (int j = 0; j < kKeys; ++j) {  // lanes 0, 4, 8, 12: keys 0..3
-      bounds[j] = lanes[4 * j];
-      lower[j] = lower_lanes[4 * j];
-    }
-    return (kept & 1u) | (kept >> 3 & 2u) | (kept >> 6 & 4u) | (kept >> 9 & 8u);
+    // The even lanes (keys 0..7) to the low half, stored with a mask (GCC 12's 512-to-256-bit
+    // cast trips -Wuninitialized, bug 105593).
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 2, 4, 6, 8, 10, 12, 14);
+    _mm512_mask_storeu_ps(bounds, 0x00FF, detail::permutexvar_ps(even, bound));
+    _mm512_mask_storeu_ps(lower, 0x00FF, detail::permutexvar_ps(even, low));
+    unsigned keep = 0;
+    for (int j = 0; j < kKeys; ++j) keep |= (kept >> (2 * j) & 1u) << j;
+    return keep;
 #elif MLLM_INT8_SCREEN == MLLM_SCREEN_AVX2
     // The arithmetic of the VNNI version above, with key j in lane j.
     const __m256 sign = _mm256_set1_ps(-0.0f);
     __m256 pos = _mm256_set1_ps(-INFINITY), neg = _mm256_set1_ps(-INFINITY);
     __m256 pos_lower = _mm256_set1_ps(-INFINITY), neg_lower = _mm256_set1_ps(-INFINITY);
     __m256i dots[4];  // lane j of dots[r]: key j, probe p0 + r
-    for (int64_t p0 = 0; p0 < num_probes_; p0 += 4) {
+    for (int64_t p0 = 0; p0 < num_probes_; p0 += kProbeBlock) {
       probe_block_dots(keys, p0, dots);
-      for (int64_t r = 0; r < std::min<int64_t>(4, num_probes_ - p0); ++r) {
+      for (int64_t r = 0; r < std::min<int64_t>(kProbeBlock, num_probes_ - p0); ++r) {
         const __m256 slack = _mm256_set1_ps(slack_[p0 + r]);
         const __m256 a = _mm256_mul_ps(_mm256_set1_ps(scale_[p0 + r]), _mm256_cvtepi32_ps(dots[r]));
         const __m256 margin = _mm256_mul_ps(_mm256_add_ps(_mm256_andnot_ps(sign, a), slack), _mm256_set1_ps(0x1p-20f));
@@ -481,7 +467,7 @@ class Int8Screen {
 
  private:
 #if MLLM_INT8_SCREEN
-  // The dot products of the kKeys rows `keys` with the digits of the block of (up to) four probes
+  // The dot products of the kKeys rows `keys` with the digits of the block of (up to) kProbeBlock probes
   // from p0, in screen_dots' layout (inlined, so that AVX2's stay in registers).
 #if MLLM_INT8_SCREEN == MLLM_SCREEN_AVX2
   using BlockDots = __m256i;
@@ -490,19 +476,27 @@ class Int8Screen {
 #endif
   __attribute__((always_inline)) void probe_block_dots(const int8_t* const* keys, int64_t p0, BlockDots* out) const {
     const ScreenDigit* digits = digits_.data() + p0 * stride_;
+#if MLLM_INT8_SCREEN == MLLM_SCREEN_VNNI
+    if (num_probes_ - p0 >= 2) {
+      detail::screen_dots<2>(keys, digits, stride_, dim_, out);
+    } else {
+      detail::screen_dots<1>(keys, digits, stride_, dim_, out);
+    }
+#else
     switch (std::min<int64_t>(4, num_probes_ - p0)) {
       case 4: detail::screen_dots<4>(keys, digits, stride_, dim_, out); break;
       case 3: detail::screen_dots<3>(keys, digits, stride_, dim_, out); break;
       case 2: detail::screen_dots<2>(keys, digits, stride_, dim_, out); break;
       default: detail::screen_dots<1>(keys, digits, stride_, dim_, out); break;
     }
+#endif
   }
 #endif
 
   int64_t num_probes_ = 0, dim_ = 0, stride_ = 0;
   float log_num_probes_ = 0;  // the logsumexp of P values is at most their max + log(P)
-  std::vector<ScreenDigit> digits_;  // [ceil(P / 4) * 4, stride_]: the probes' digits, zero past dim
-  // Per probe (padded to whole blocks of 4): s = max |p| / screen_digit_max(D); the slack
+  std::vector<ScreenDigit> digits_;  // [P padded to whole blocks, stride_]: the probes' digits, zero past dim
+  // Per probe (padded to whole blocks): s = max |p| / screen_digit_max(D); the slack
   // 128 * (sum |p - s r| + gamma(D) sum |p|), inflated for its own rounding (-inf for padding);
   // VNNI: 128 * sum_d r_d (the keys enter the integer dot product as q + 128), else 0.
   std::vector<float> scale_, slack_;
