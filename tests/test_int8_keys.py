@@ -387,7 +387,7 @@ def test_cpu_screen_is_exact(P, D, reduce, gen):
         _check_screen(probes, q, scales, parents, fanout, t, reduce, mask)
 
 
-@pytest.mark.parametrize("P", [3, 4, 8])
+@pytest.mark.parametrize("P", [1, 3, 4, 8])
 @pytest.mark.parametrize("reduce", REDUCES)
 def test_cpu_screen_exact_ties(P, reduce, gen):
     """Integer data: many exactly equal scores; the smaller id must win every tie."""
@@ -474,20 +474,24 @@ def test_cpu_screen_full_int8_range(P, reduce, gen):
         _check_screen(probes, q, scales, parents, fanout, t, reduce)
 
 
-def test_cpu_screen_edge_values(gen):
-    """Non-finite scales (never skipped), huge and tiny probes, an all-zero probe, a NaN probe."""
+@pytest.mark.parametrize("P", [1, 2])  # one probe: two digits per element with VNNI
+def test_cpu_screen_edge_values(P, gen):
+    """Non-finite scales (never skipped), huge and tiny probes (down to where a probe's remainder
+    would be subnormal), an all-zero probe, a NaN probe."""
     N, fanout, D = 1200, 64, 40
     q, scales = make_int8_keys(N, D, gen)
     scales[3] = float("inf")
     scales[70] = float("-inf")
     scales[130] = float("nan")
     scales[200:260] = 1e-30
-    parents = torch.stack([torch.randperm(num_parents(N, fanout), generator=gen)[:15] for _ in range(5)])
-    probes = make_probes(5, 2, D, F32, gen)
+    parents = torch.stack([torch.randperm(num_parents(N, fanout), generator=gen)[:15] for _ in range(7)])
+    probes = make_probes(7, P, D, F32, gen)
     probes[1] *= 1e30
     probes[2] *= 1e-30
     probes[3, 0] = 0.0
-    probes[4, 1, 7] = float("nan")  # this row cannot be screened: every row is scored
+    probes[4, -1, 7] = float("nan")  # this row cannot be screened: every row is scored
+    probes[5] *= 1e-34
+    probes[6] *= 1e-26
     for reduce in REDUCES:
         for t in (2, 9):
             _check_screen(probes, q, scales, parents, fanout, t, reduce)

@@ -47,6 +47,11 @@ MLLM_HOST_DEVICE acc_t dequantize(int8_t q, acc_t scale) {
 // The kernel's max and logsumexp over the probes are at least the largest of these lower bounds
 // (its logsumexp adds log(sum) >= 0 to the max). A row whose upper bound is below the t-th best
 // lower bound of other rows cannot enter the top t: it need not be scored exactly.
+//
+// With two digits per element (the VNNI screen of a single probe), p = s r + s' r' + e, r' the
+// digits of the remainder p - s r at the scale s' = s / 254: the same bounds hold with
+// s <r, q> + s' <r', q> in place of s <r, q> and e in place of p - s r, whose terms are 254 times
+// smaller.
 
 // gamma(n) = n u / (1 - n u), u = 2^-24: the float32 rounding bound of an n-term sum.
 inline double float_sum_gamma(int64_t n) {
