@@ -490,8 +490,8 @@ def test_cpu_screen_edge_values(P, gen):
     probes[2] *= 1e-30
     probes[3, 0] = 0.0
     probes[4, -1, 7] = float("nan")  # this row cannot be screened: every row is scored
-    probes[5] *= 1e-34
-    probes[6] *= 1e-26
+    probes[5] *= 1e-34  # one probe: one digit (its remainder would be subnormal)
+    probes[6] *= 1e-20  # two digits
     for reduce in REDUCES:
         for t in (2, 9):
             _check_screen(probes, q, scales, parents, fanout, t, reduce)

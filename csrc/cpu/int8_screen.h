@@ -374,7 +374,8 @@ class Int8Screen {
     stride_ = (dim + 63) / 64 * 64;
     const int digit_max = screen_digit_max(dim);
     // The remainder's scale s / 254 must stay far above float32's subnormals, whose absolute
-    // rounding errors the bound's relative margins do not cover (probes below about 1e-28).
+    // rounding errors the bound's relative margins do not cover: a probe whose largest |element|
+    // is below 2^-90 * 254 * 127 (about 3e-23) keeps one digit.
     two_digits_ = MLLM_INT8_SCREEN == MLLM_SCREEN_VNNI && num_probes == 1 &&
                   detail::probe_stats(probes, dim).max_abs / static_cast<float>(digit_max) / 254.0f >= 0x1p-90f;
     digit_rows_ = two_digits_ ? 2 : num_probes;
@@ -443,11 +444,15 @@ class Int8Screen {
     __m512 pos_lower = _mm512_set1_ps(-INFINITY), neg_lower = _mm512_set1_ps(-INFINITY);
     alignas(64) int32_t sums[16];
     // The two floats (or int32) of a block's probes at p, in every pair of lanes.
-    auto pair_ps = [](const float* p) { return _mm512_castpd_ps(_mm512_set1_pd(*reinterpret_cast<const double*>(p))); };
+    auto pair_ps = [](const void* p) {
+      double both;
+      std::memcpy(&both, p, sizeof(both));
+      return _mm512_castpd_ps(_mm512_set1_pd(both));
+    };
     for (int64_t p0 = 0; p0 < digit_rows_; p0 += kProbeBlock) {
       probe_block_dots(keys, p0, sums);
       const __m512 scale = pair_ps(scale_.data() + p0), slack = pair_ps(slack_.data() + p0);
-      const __m512i correction = _mm512_castps_si512(pair_ps(reinterpret_cast<const float*>(correction_.data() + p0)));
+      const __m512i correction = _mm512_castps_si512(pair_ps(correction_.data() + p0));
       // <r, q> = sums - 128 sum_d r_d: exact in int32 (|<r, q>| <= 127^2 D); A = s <r, q> rounds twice.
       __m512 a = _mm512_mul_ps(scale, _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(sums), correction)));
       __m512 magnitude = _mm512_abs_ps(a);
