@@ -52,10 +52,11 @@ struct PreparedLevel {
 // scoring (descend_rows_shared) instead of the int8 screen one row at a time. The screen reads and
 // bounds a block again for every row that selected it; where many rows share a parent, reading it
 // once for all of them is faster. Measured per level of the e2e trees (clustered data, 1e4 to 1e6
-// leaves, B=16 and 64, t=8 and 32): at 4.3 to 32 rows per parent the shared path took 0.42x-0.91x
-// of the screen's time; at 1.0-2.0 the screen was mostly faster (1.05x-1.52x, once 0.76x). On
-// uniform random keys, where the screen rules out nearly every row, it was 2x faster than the
-// shared path at 2.3 rows per parent (8,192 keys, B=64, T=8, one probe and four).
+// leaves, B=16 and 64, t=8 and 32; the screen with one digit per probe element, before it got
+// cheaper): at 4.3 to 32 rows per parent the shared path took 0.42x-0.91x of the screen's time;
+// at 1.0-2.0 the screen was mostly faster (1.05x-1.52x, once 0.76x). On uniform random keys, where
+// the screen rules out nearly every row, it took half the shared path's time at 2.3 rows per
+// parent (8,192 keys, B=64, T=8, one probe and four; two builds run one after the other).
 constexpr double kShareOverScreen = 4.0;
 
 // The mean number of the rows first_row .. first_row + num_rows that selected each of their
