@@ -84,10 +84,12 @@ inline void probe_stats_tail(const float* x, int64_t d, int64_t dim, ProbeStats&
   stats.finite = stats.finite && std::isfinite(stats.max_abs);
 }
 inline void round_probe_tail(const float* x, int64_t d, int64_t dim, float s, float inv, int digit_max,
-                             ScreenDigit* digits, double& err, int64_t& digit_sum) {
+                             ScreenDigit* digits, double& err, int64_t& digit_sum, float* remainders) {
   for (; d < dim; ++d) {
     const int r = std::clamp(static_cast<int>(std::nearbyint(x[d] * inv)), -digit_max, digit_max);
-    err += std::fabs(std::fma(-s, static_cast<float>(r), x[d]));
+    const float remainder = std::fma(-s, static_cast<float>(r), x[d]);
+    if (remainders != nullptr) remainders[d] = remainder;
+    err += std::fabs(remainder);
     digit_sum += r;
     digits[d] = static_cast<ScreenDigit>(r);
   }
@@ -124,9 +126,10 @@ inline ProbeStats probe_stats(const float* x, int64_t dim) {
 }
 
 // digits[d] = r = round(x[d] * inv) clamped to the digit range; err += sum |x - s r| (each
-// term one fused rounding, whatever rounding gave r), digit_sum += sum r.
+// term one fused rounding, whatever rounding gave r), digit_sum += sum r; the terms x - s r
+// themselves go to `remainders` unless it is null.
 inline void round_probe(const float* x, int64_t dim, float s, float inv, int digit_max, ScreenDigit* digits,
-                        double& err, int64_t& digit_sum) {
+                        double& err, int64_t& digit_sum, float* remainders = nullptr) {
   int64_t d = 0;
   __m256 verr = _mm256_setzero_ps();
   __m256i vsum = _mm256_setzero_si256();
@@ -136,7 +139,9 @@ inline void round_probe(const float* x, int64_t dim, float s, float inv, int dig
   for (; d + 8 <= dim; d += 8) {
     const __m256 v = _mm256_loadu_ps(x + d);
     const __m256i r = _mm256_min_epi32(hi, _mm256_max_epi32(lo, _mm256_cvtps_epi32(_mm256_mul_ps(v, vinv))));
-    verr = _mm256_add_ps(verr, abs_ps(_mm256_fnmadd_ps(vs, _mm256_cvtepi32_ps(r), v)));
+    const __m256 remainder = _mm256_fnmadd_ps(vs, _mm256_cvtepi32_ps(r), v);
+    if (remainders != nullptr) _mm256_storeu_ps(remainders + d, remainder);
+    verr = _mm256_add_ps(verr, abs_ps(remainder));
     vsum = _mm256_add_epi32(vsum, r);
     _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), r);
     for (int i = 0; i < 8; ++i) digits[d + i] = static_cast<ScreenDigit>(lanes[i]);
@@ -144,61 +149,9 @@ inline void round_probe(const float* x, int64_t dim, float s, float inv, int dig
   err += hsum(verr);
   _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), vsum);
   for (int i = 0; i < 8; ++i) digit_sum += lanes[i];
-  round_probe_tail(x, d, dim, s, inv, digit_max, digits, err, digit_sum);
+  round_probe_tail(x, d, dim, s, inv, digit_max, digits, err, digit_sum, remainders);
 }
 
-// Two digits per element: hi[d] = round(x[d] / s) as round_probe, then lo[d] = round(t / s_lo) of
-// the remainder t = x[d] - s hi[d] (each clamped to the digit range). err += sum |t - s_lo lo|,
-// rem_sum += sum |t|, each term one fused rounding; hi_sum, lo_sum += the digits' sums.
-inline void round_probe_two_digits(const float* x, int64_t dim, float s, float inv, float s_lo, float inv_lo,
-                                   int digit_max, ScreenDigit* hi, ScreenDigit* lo, double& err, double& rem_sum,
-                                   int64_t& hi_sum, int64_t& lo_sum) {
-  int64_t d = 0;
-  __m256 verr = _mm256_setzero_ps(), vrem = _mm256_setzero_ps();
-  __m256i vhi = _mm256_setzero_si256(), vlo = _mm256_setzero_si256();
-  const __m256 vs = _mm256_set1_ps(s), vinv = _mm256_set1_ps(inv);
-  const __m256 vs_lo = _mm256_set1_ps(s_lo), vinv_lo = _mm256_set1_ps(inv_lo);
-  const __m256i low = _mm256_set1_epi32(-digit_max), high = _mm256_set1_epi32(digit_max);
-  auto round = [&](__m256 v, __m256 scaled_by) {
-    return _mm256_min_epi32(high, _mm256_max_epi32(low, _mm256_cvtps_epi32(_mm256_mul_ps(v, scaled_by))));
-  };
-  alignas(32) int32_t hi_lanes[8], lo_lanes[8];
-  for (; d + 8 <= dim; d += 8) {
-    const __m256 v = _mm256_loadu_ps(x + d);
-    const __m256i r = round(v, vinv);
-    const __m256 t = _mm256_fnmadd_ps(vs, _mm256_cvtepi32_ps(r), v);
-    const __m256i r_lo = round(t, vinv_lo);
-    verr = _mm256_add_ps(verr, abs_ps(_mm256_fnmadd_ps(vs_lo, _mm256_cvtepi32_ps(r_lo), t)));
-    vrem = _mm256_add_ps(vrem, abs_ps(t));
-    vhi = _mm256_add_epi32(vhi, r);
-    vlo = _mm256_add_epi32(vlo, r_lo);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(hi_lanes), r);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(lo_lanes), r_lo);
-    for (int i = 0; i < 8; ++i) {
-      hi[d + i] = static_cast<ScreenDigit>(hi_lanes[i]);
-      lo[d + i] = static_cast<ScreenDigit>(lo_lanes[i]);
-    }
-  }
-  err += hsum(verr);
-  rem_sum += hsum(vrem);
-  _mm256_store_si256(reinterpret_cast<__m256i*>(hi_lanes), vhi);
-  _mm256_store_si256(reinterpret_cast<__m256i*>(lo_lanes), vlo);
-  for (int i = 0; i < 8; ++i) {
-    hi_sum += hi_lanes[i];
-    lo_sum += lo_lanes[i];
-  }
-  for (; d < dim; ++d) {
-    const int r = std::clamp(static_cast<int>(std::nearbyint(x[d] * inv)), -digit_max, digit_max);
-    const float t = std::fma(-s, static_cast<float>(r), x[d]);
-    const int r_lo = std::clamp(static_cast<int>(std::nearbyint(t * inv_lo)), -digit_max, digit_max);
-    err += std::fabs(std::fma(-s_lo, static_cast<float>(r_lo), t));
-    rem_sum += std::fabs(t);
-    hi_sum += r;
-    lo_sum += r_lo;
-    hi[d] = static_cast<ScreenDigit>(r);
-    lo[d] = static_cast<ScreenDigit>(r_lo);
-  }
-}
 }  // namespace detail
 #endif
 
@@ -376,8 +329,9 @@ class Int8Screen {
     // The remainder's scale s / 254 must stay far above float32's subnormals, whose absolute
     // rounding errors the bound's relative margins do not cover: a probe whose largest |element|
     // is below 2^-90 * 254 * 127 (about 3e-23) keeps one digit.
+    const detail::ProbeStats first = detail::probe_stats(probes, dim);
     two_digits_ = MLLM_INT8_SCREEN == MLLM_SCREEN_VNNI && num_probes == 1 &&
-                  detail::probe_stats(probes, dim).max_abs / static_cast<float>(digit_max) / 254.0f >= 0x1p-90f;
+                  first.max_abs / static_cast<float>(digit_max) / 254.0f >= 0x1p-90f;
     digit_rows_ = two_digits_ ? 2 : num_probes;
     const int64_t padded = (digit_rows_ + kProbeBlock - 1) / kProbeBlock * kProbeBlock;
     digits_.assign(padded * stride_, 0);
@@ -388,7 +342,7 @@ class Int8Screen {
     const double gamma = float_sum_gamma(dim + 16);  // the float32 dot product's own rounding
     for (int64_t p = 0; p < num_probes; ++p) {
       const float* row = probes + p * dim;
-      const detail::ProbeStats stats = detail::probe_stats(row, dim);
+      const detail::ProbeStats stats = p == 0 ? first : detail::probe_stats(row, dim);
       if (!stats.finite) return false;
       const float s = stats.max_abs / static_cast<float>(digit_max);
       const float inv = stats.max_abs > 0 ? static_cast<float>(digit_max) / stats.max_abs : 0.0f;
@@ -397,12 +351,14 @@ class Int8Screen {
       int64_t digit_sum = 0;
       if (two_digits_) {
         // p = s hi + s_lo lo + e: the remainder's digits carry 8 more bits (s_lo = s / 254 maps
-        // the remainder, at most s / 2, onto the digit range), which tightens the bound 254 times.
-        // e = fl(fl(p - s hi) - s_lo lo): each rounding is at most 2^-24 of its result.
-        double remainder = 0.0;
+        // the remainder t = fl(p - s hi), at most s / 2, onto the digit range), which tightens the
+        // bound 254 times. e = fl(t - s_lo lo): each rounding is at most 2^-24 of its result.
+        double remainder = 0.0;  // sum |t|
         int64_t lo_sum = 0;
-        detail::round_probe_two_digits(row, dim, s, inv, s / 254.0f, inv * 254.0f, digit_max, digits,
-                                       digits + stride_, err, remainder, digit_sum, lo_sum);
+        remainders_.resize(dim);
+        detail::round_probe(row, dim, s, inv, digit_max, digits, remainder, digit_sum, remainders_.data());
+        detail::round_probe(remainders_.data(), dim, s / 254.0f, inv * 254.0f, digit_max, digits + stride_, err,
+                            lo_sum);
         err_bound = (err * (1.0 + 0x1p-23) + remainder * 0x1p-23) * (1.0 + 2.0 * gamma);
         scale_[1] = s / 254.0f;
         correction_[1] = static_cast<int32_t>(128 * lo_sum);
@@ -590,6 +546,7 @@ class Int8Screen {
   // VNNI: 128 * sum_d r_d (the keys enter the integer dot product as q + 128), else 0.
   std::vector<float> scale_, slack_;
   std::vector<int32_t> correction_;
+  std::vector<float> remainders_;  // [D] two digits: the probe's remainder after its first digits
 };
 
 }  // namespace mllm::cpu
