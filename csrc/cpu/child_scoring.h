@@ -26,9 +26,10 @@ struct GroupedDotsScratch {
 template <typename key_t, typename acc_t, typename OnScored>
 class GroupedDots {
  public:
-  // keys: [N, dim].
-  GroupedDots(const key_t* keys, int64_t dim, GroupedDotsScratch<acc_t>& scratch, OnScored on_scored)
-      : keys_(keys), dim_(dim), scratch_(scratch), on_scored_(on_scored) {}
+  // keys: [N, dim]. spread: the key stream's prefetch to issue while scoring (PrefetchSpread), or null.
+  GroupedDots(const key_t* keys, int64_t dim, GroupedDotsScratch<acc_t>& scratch, OnScored on_scored,
+              PrefetchSpread* spread = nullptr)
+      : keys_(keys), dim_(dim), scratch_(scratch), on_scored_(on_scored), spread_(spread) {}
 
   // The probe rows ([num_rows, dim], contiguous) that the children added next are scored
   // against. Only when no child is waiting (before the first add, or after a flush).
@@ -55,7 +56,7 @@ class GroupedDots {
   void flush() {
     if (size_ == 0) return;
     acc_t* dots = scratch_.dots.data();
-    multi_dot_keys(rows_, num_rows_, dim_, keys_, group_, size_, dots);
+    multi_dot_keys(rows_, num_rows_, dim_, keys_, group_, size_, dots, spread_);
     for (int i = 0; i < size_; ++i) on_scored_(group_[i], dots + i * num_rows_);
     size_ = 0;
   }
@@ -65,6 +66,7 @@ class GroupedDots {
   int64_t dim_;
   GroupedDotsScratch<acc_t>& scratch_;
   OnScored on_scored_;
+  PrefetchSpread* spread_;
   const acc_t* const* rows_ = nullptr;
   int64_t num_rows_ = 0;
   int64_t group_[kMaxDotGroup];

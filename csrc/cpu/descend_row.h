@@ -97,6 +97,7 @@ inline void descend_row_screened(const LevelView<int8_t, float>& level, const fl
                                     [&](const Candidate& c) { return c.upper < at_least; }),
                      candidates.end());
   };
+  PrefetchSpread spread;
   constexpr int kKeys = Int8Screen::kKeys;
   constexpr int64_t kScreenChunk = 8;  // children read from one block in turn: whole screen groups
   static_assert(kScreenChunk % kKeys == 0, "a chunk holds whole screen groups");
@@ -111,7 +112,7 @@ inline void descend_row_screened(const LevelView<int8_t, float>& level, const fl
       for (int j = 0; j < kKeys; ++j) short_scales[j] = scales[std::min(j, count - 1)];
       scales = short_scales;
     }
-    unsigned keep = scratch.screen.survivors(rows, scales, level.lse, threshold(), upper, low) & live;
+    unsigned keep = scratch.screen.survivors(rows, scales, level.lse, threshold(), upper, low, &spread) & live;
     for (; keep != 0; keep &= keep - 1) {
       const int j = __builtin_ctz(keep);
       candidates.push_back({upper[j] == upper[j] ? upper[j] : INFINITY, first + j});
@@ -134,7 +135,8 @@ inline void descend_row_screened(const LevelView<int8_t, float>& level, const fl
           if (live != 0) screen_group(group, size, live);
         }
       },
-      [&](int64_t first, int64_t count) { prefetch_row(level.scales + first, count * int64_t(sizeof(float))); });
+      [&](int64_t first, int64_t count) { prefetch_row(level.scales + first, count * int64_t(sizeof(float))); },
+      &spread);
   prune();
   std::sort(candidates.begin(), candidates.end(),
             [](const Candidate& a, const Candidate& b) { return a.upper > b.upper; });
@@ -184,15 +186,18 @@ void descend_row(const LevelView<key_t, acc_t>& level, int64_t b, const int64_t*
   auto push = [&](int64_t child, acc_t* child_dots) {
     offer(top, child_score<key_t>(child_dots, level.num_probes, level.scales, child, level.lse), child);
   };
-  GroupedDots scorer(level.keys, level.dim, scratch.dots, push);
+  PrefetchSpread spread;
+  GroupedDots scorer(level.keys, level.dim, scratch.dots, push, &spread);
   scorer.use_probes(probes, level.num_probes);
   row_blocks(level, parents, num_parents, fanout, skip_repeated, scratch.blocks);
-  for_each_chunk(level.keys, level.dim * int64_t(sizeof(key_t)), scratch.blocks.data(),
-                 static_cast<int64_t>(scratch.blocks.size()), kMaxDotGroup,
-                 [&](int64_t, int64_t first, int64_t count) {
-                   for (int64_t child = first; child < first + count; ++child)
-                     if (level.mask == nullptr || level.mask[child]) scorer.add(child);
-                 });
+  for_each_chunk(
+      level.keys, level.dim * int64_t(sizeof(key_t)), scratch.blocks.data(),
+      static_cast<int64_t>(scratch.blocks.size()), kMaxDotGroup,
+      [&](int64_t, int64_t first, int64_t count) {
+        for (int64_t child = first; child < first + count; ++child)
+          if (level.mask == nullptr || level.mask[child]) scorer.add(child);
+      },
+      &spread);
   scorer.flush();
   top.finish();
 }

@@ -108,6 +108,7 @@ void descend_rows_shared(const LevelView<key_t, acc_t>& level, int64_t first_row
   auto& dots = scratch.dots;
   dots.resize(kMaxDotGroup * most_sharing * num_probes);
   const int64_t row_bytes = dim * int64_t(sizeof(key_t));
+  PrefetchSpread spread;
   for_each_chunk(level.keys, row_bytes, blocks.data(), static_cast<int64_t>(blocks.size()), kMaxDotGroup,
                  [&](int64_t block, int64_t first, int64_t count) {
                    const size_t begin = block_pairs[block], end = block_pairs[block + 1];
@@ -124,9 +125,10 @@ void descend_rows_shared(const LevelView<key_t, acc_t>& level, int64_t first_row
                    if (num_ids == 0) return;
                    const int64_t rows = static_cast<int64_t>(end - begin) * num_probes;
                    multi_dot_keys(probe_rows.data() + begin * num_probes, rows, dim, level.keys, ids, num_ids,
-                                  dots.data());
+                                  dots.data(), &spread);
                    for (int i = 0; i < num_ids; ++i) offer_to_rows(begin, end, ids[i], dots.data() + i * rows);
-                 });
+                 },
+                 &spread);
   for (RunningTopT<acc_t>& top : tops) top.finish();
 }
 

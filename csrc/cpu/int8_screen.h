@@ -201,16 +201,19 @@ __attribute__((always_inline)) inline __m512i reduce16_epi32(const __m512i* v) {
 
 // sums[2 * j + r] = sum_d (keys[j][d] + 128) * digits[r * stride + d] for 8 key rows j and
 // r < kProbes (0 for r >= kProbes, kProbes <= 2); int32, exact for dim <= 65536. Bytes past dim
-// are masked off (the digits are zero there).
+// are masked off (the digits are zero there). `spread` (may be null): see PrefetchSpread.
 template <int kProbes>
 __attribute__((always_inline)) inline void screen_dots(const int8_t* const* keys, const int8_t* digits, int64_t stride,
-                                                       int64_t dim, int32_t* sums) {
+                                                       int64_t dim, int32_t* sums, PrefetchSpread* spread) {
   static_assert(kProbes == 1 || kProbes == 2, "two probes per block");
   __m512i acc[16];
   for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_si512();
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));  // int8 q -> uint8 q + 128
+  const char* prefetch_next = spread != nullptr ? spread->next : nullptr;
+  const char* const prefetch_end = spread != nullptr ? spread->end : nullptr;
   // tail: the bytes of a last partial step (0: a whole one, read without a mask).
   auto step = [&](int64_t d, __mmask64 tail) {
+    prefetch_next = prefetch_lines(prefetch_next, prefetch_end, 4);  // half the 8 lines it reads
     const __m512i g0 = _mm512_loadu_si512(digits + d);
     const __m512i g1 = kProbes > 1 ? _mm512_loadu_si512(digits + stride + d) : g0;
     for (int j = 0; j < 8; ++j) {
@@ -223,6 +226,7 @@ __attribute__((always_inline)) inline void screen_dots(const int8_t* const* keys
   int64_t d = 0;
   for (; d + 64 <= dim; d += 64) step(d, 0);
   if (d < dim) step(d, ~0ULL >> (64 - (dim - d)));
+  if (spread != nullptr) spread->next = prefetch_next;
   _mm512_storeu_si512(sums, reduce16_epi32(acc));
 }
 
@@ -389,9 +393,10 @@ class Int8Screen {
   // descend_row's float32 arithmetic (max or logsumexp over the probes): bit j is clear only when
   // the row's score is certainly below it. bounds[j] and lower[j] get bounds of the row's score
   // from above and below (NaN when none is known: rows with a non-finite scale, which are always
-  // kept). Only after a successful prepare().
+  // kept). `spread` (may be null): the key stream's prefetch to issue meanwhile (PrefetchSpread;
+  // the AVX2 screen issues it at once). Only after a successful prepare().
   unsigned survivors(const int8_t* const* keys, const float* scales, bool lse, float threshold, float* bounds,
-                     float* lower) const {
+                     float* lower, PrefetchSpread* spread = nullptr) const {
 #if MLLM_INT8_SCREEN == MLLM_SCREEN_VNNI
     // Lane 2 j + r: key j, probe r of a block of 2. Per key, the largest s_r <r, q> + slack_r
     // (pos) and -s_r <r, q> + slack_r (neg) over the probes: its bound is k * pos for a scale
@@ -406,7 +411,7 @@ class Int8Screen {
       return _mm512_castpd_ps(_mm512_set1_pd(both));
     };
     for (int64_t p0 = 0; p0 < digit_rows_; p0 += kProbeBlock) {
-      probe_block_dots(keys, p0, sums);
+      probe_block_dots(keys, p0, sums, spread);
       const __m512 scale = pair_ps(scale_.data() + p0), slack = pair_ps(slack_.data() + p0);
       const __m512i correction = _mm512_castps_si512(pair_ps(correction_.data() + p0));
       // <r, q> = sums - 128 sum_d r_d: exact in int32 (|<r, q>| <= 127^2 D); A = s <r, q> rounds twice.
@@ -462,6 +467,7 @@ class Int8Screen {
     return keep;
 #elif MLLM_INT8_SCREEN == MLLM_SCREEN_AVX2
     // The arithmetic of the VNNI version above, with key j in lane j.
+    if (spread != nullptr) spread->finish();
     const __m256 sign = _mm256_set1_ps(-0.0f);
     __m256 pos = _mm256_set1_ps(-INFINITY), neg = _mm256_set1_ps(-INFINITY);
     __m256 pos_lower = _mm256_set1_ps(-INFINITY), neg_lower = _mm256_set1_ps(-INFINITY);
@@ -515,13 +521,14 @@ class Int8Screen {
 #else
   using BlockDots = int32_t;
 #endif
-  __attribute__((always_inline)) void probe_block_dots(const int8_t* const* keys, int64_t p0, BlockDots* out) const {
+  __attribute__((always_inline)) void probe_block_dots(const int8_t* const* keys, int64_t p0, BlockDots* out,
+                                                       PrefetchSpread* spread = nullptr) const {
     const ScreenDigit* digits = digits_.data() + p0 * stride_;
 #if MLLM_INT8_SCREEN == MLLM_SCREEN_VNNI
     if (digit_rows_ - p0 >= 2) {
-      detail::screen_dots<2>(keys, digits, stride_, dim_, out);
+      detail::screen_dots<2>(keys, digits, stride_, dim_, out, spread);
     } else {
-      detail::screen_dots<1>(keys, digits, stride_, dim_, out);
+      detail::screen_dots<1>(keys, digits, stride_, dim_, out, spread);
     }
 #else
     switch (std::min<int64_t>(4, digit_rows_ - p0)) {

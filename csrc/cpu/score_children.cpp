@@ -82,6 +82,7 @@ std::tuple<at::Tensor, at::Tensor> score_children(const at::Tensor& probes, cons
         }
         std::vector<const acc_t*> probe_rows(num_probes);
         std::vector<acc_t> dots(kMaxDotGroup * num_probes);
+        PrefetchSpread spread;
         for_each_chunk(
             key_data, dim * int64_t(sizeof(key_t)), blocks.data(), end - begin, kMaxDotGroup,
             [&](int64_t k, int64_t first, int64_t count) {
@@ -100,7 +101,7 @@ std::tuple<at::Tensor, at::Tensor> score_children(const at::Tensor& probes, cons
               }
               if (num_ids == 0) return;
               for (int64_t p = 0; p < num_probes; ++p) probe_rows[p] = probe_data + (b * num_probes + p) * dim;
-              multi_dot_keys(probe_rows.data(), num_probes, dim, key_data, ids, num_ids, dots.data());
+              multi_dot_keys(probe_rows.data(), num_probes, dim, key_data, ids, num_ids, dots.data(), &spread);
               for (int i = 0; i < num_ids; ++i) {
                 score_data[slot(ids[i])] =
                     child_score<key_t>(dots.data() + i * num_probes, num_probes, scale_data, ids[i], lse);
@@ -109,7 +110,8 @@ std::tuple<at::Tensor, at::Tensor> score_children(const at::Tensor& probes, cons
             },
             [&](int64_t first, int64_t count) {
               if (scale_data != nullptr) prefetch_row(scale_data + first, count * int64_t(sizeof(float)));
-            });
+            },
+            &spread);
       });
     });
   });

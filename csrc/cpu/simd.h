@@ -13,6 +13,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "prefetch_stream.h"
+
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #endif
@@ -116,8 +118,10 @@ namespace detail {
 // With kS = 1 a dot product's bits do not depend on the tile it is in: it has one accumulator,
 // reduced in vsum4's lane order (the descent groups rows and xs as the work comes, and exact ties
 // must stay ties).
+// With `spread`, each step of the loop over dim also prefetches its next line (PrefetchSpread).
 template <int kRows, int kX, int kS, typename x_t>
-inline void dot_tile(const float* const* rows, int64_t dim, const x_t* const* xs, float* const* out) {
+inline void dot_tile(const float* const* rows, int64_t dim, const x_t* const* xs, float* const* out,
+                     PrefetchSpread* spread) {
   constexpr int W = MLLM_SIMD_WIDTH;
   constexpr bool kRowsStay = kRows > 1 && kRows < kX;
   static_assert(kRows * kX * kS <= 12 && kRows * kX * kS + (kRowsStay ? kRows : kX) + 1 <= 16,
@@ -133,9 +137,12 @@ inline void dot_tile(const float* const* rows, int64_t dim, const x_t* const* xs
     if constexpr (kRows > 1 && std::is_same_v<x_t, float>) v = in_register(v);
     return v;
   };
+  const char* prefetch_next = spread != nullptr ? spread->next : nullptr;
+  const char* const prefetch_end = spread != nullptr ? spread->end : nullptr;
   int64_t d = 0;
   for (; d + kS * W <= dim; d += kS * W)
     for (int u = 0; u < kS; ++u) {
+      prefetch_next = prefetch_lines(prefetch_next, prefetch_end, 1);
       if constexpr (kRowsStay) {
         vfloat row[kRows];
         for (int r = 0; r < kRows; ++r) row[r] = in_register(vload(rows[r] + d + u * W));
@@ -153,6 +160,7 @@ inline void dot_tile(const float* const* rows, int64_t dim, const x_t* const* xs
         }
       }
     }
+  if (spread != nullptr) spread->next = prefetch_next;
   for (; d + W <= dim; d += W)
     for (int x = 0; x < kX; ++x) {
       const vfloat xv = vload(xs[x] + d);
@@ -196,7 +204,8 @@ constexpr int kTileXs = kRows <= 2 ? 6 : 3;
 // xs at once takes them in two halves. kSplit (with kX = 1 only): tiles of one or two rows split
 // each dot product over 4 or 2 accumulators, to keep 4 FMAs in flight.
 template <int kX, bool kSplit, typename x_t, typename Rows>
-inline void multi_dot_simd(const Rows& rows, int64_t num_rows, int64_t dim, const x_t* const* xs, float* const* out) {
+inline void multi_dot_simd(const Rows& rows, int64_t num_rows, int64_t dim, const x_t* const* xs, float* const* out,
+                           PrefetchSpread* spread = nullptr) {
   static_assert(!kSplit || kX == 1, "split accumulators are for one x");
   int64_t p = 0;
   auto tile = [&](auto rows_in_tile) {
@@ -208,10 +217,10 @@ inline void multi_dot_simd(const Rows& rows, int64_t num_rows, int64_t dim, cons
     for (int x = 0; x < kX; ++x) out_p[x] = out[x] + p;
     if constexpr (kX > kTileXs<R>) {
       constexpr int kFirst = (kX + 1) / 2;
-      dot_tile<R, kFirst, S>(tile_rows, dim, xs, out_p);
-      dot_tile<R, kX - kFirst, S>(tile_rows, dim, xs + kFirst, out_p + kFirst);
+      dot_tile<R, kFirst, S>(tile_rows, dim, xs, out_p, spread);
+      dot_tile<R, kX - kFirst, S>(tile_rows, dim, xs + kFirst, out_p + kFirst, spread);
     } else {
-      dot_tile<R, kX, S>(tile_rows, dim, xs, out_p);
+      dot_tile<R, kX, S>(tile_rows, dim, xs, out_p, spread);
     }
     p += R;
   };
@@ -250,15 +259,15 @@ constexpr int kMaxDotGroup = 6;
 // outs[x][p] = <rows(p)[:dim], xs[x]> for p < num_rows and x < num_xs: the rows are read once per
 // group of up to kMaxDotGroup xs, and each x once per tile of rows. A dot product gets the same
 // bits whatever num_xs, its place among the xs and where its row is. rows: ContiguousRows or
-// GatheredRows of acc_t.
+// GatheredRows of acc_t. `spread`: see PrefetchSpread (the SIMD paths issue it).
 template <typename acc_t, typename x_t, typename Rows>
 inline void multi_dot_many(const Rows& rows, int64_t num_rows, int64_t dim, const x_t* const* xs, int64_t num_xs,
-                           acc_t* const* outs) {
+                           acc_t* const* outs, PrefetchSpread* spread = nullptr) {
 #if MLLM_SIMD_WIDTH
   if constexpr (kSimdDot<acc_t, x_t>) {
     for (int64_t x = 0; x < num_xs; x += kMaxDotGroup) {
       auto group = [&](auto xs_in_group) {
-        detail::multi_dot_simd<decltype(xs_in_group)::value, false>(rows, num_rows, dim, xs + x, outs + x);
+        detail::multi_dot_simd<decltype(xs_in_group)::value, false>(rows, num_rows, dim, xs + x, outs + x, spread);
       };
       switch (std::min<int64_t>(num_xs - x, kMaxDotGroup)) {
         case 6: group(std::integral_constant<int, 6>{}); break;
@@ -272,6 +281,7 @@ inline void multi_dot_many(const Rows& rows, int64_t num_rows, int64_t dim, cons
     return;
   }
 #endif
+  if (spread != nullptr) spread->finish();
   for (int64_t x = 0; x < num_xs; ++x)
     for (int64_t p = 0; p < num_rows; ++p) {
       acc_t sum = 0;
@@ -299,14 +309,14 @@ inline void multi_dot(const acc_t* rows, int64_t num_rows, int64_t dim, const x_
 // multi_dot_many over rows `ids` of a [N, dim] key matrix. rows: num_rows pointers, anywhere.
 template <typename acc_t, typename key_t>
 inline void multi_dot_keys(const acc_t* const* rows, int64_t num_rows, int64_t dim, const key_t* keys,
-                           const int64_t* ids, int num_ids, acc_t* dots) {
+                           const int64_t* ids, int num_ids, acc_t* dots, PrefetchSpread* spread = nullptr) {
   const key_t* key_rows[kMaxDotGroup];
   acc_t* outs[kMaxDotGroup];
   for (int i = 0; i < num_ids; ++i) {
     key_rows[i] = keys + ids[i] * dim;
     outs[i] = dots + i * num_rows;
   }
-  multi_dot_many(GatheredRows<acc_t>{rows}, num_rows, dim, key_rows, num_ids, outs);
+  multi_dot_many(GatheredRows<acc_t>{rows}, num_rows, dim, key_rows, num_ids, outs, spread);
 }
 
 // out[p] = <rows[p, :], x> for p < num_rows like multi_dot, with each dot product split over
