@@ -1,7 +1,8 @@
 // The read of a descent's key blocks with no scoring: the bytes descend reads (for each query
 // row, the children blocks of its parents), in the same order (for_each_chunk: a few blocks at a
 // time, a chunk of rows of each in turn) with the same software prefetch stream
-// (csrc/cpu/prefetch_stream.h) and the same number of threads, folded into one checksum per row
+// (csrc/cpu/prefetch_stream.h; each chunk's prefetch issued at once, where the kernels spread it
+// over their scoring) and the same number of threads, folded into one checksum per row
 // with 32-byte loads. The op benchmarks time it beside descend: the bandwidth that this
 // access pattern (random blocks of fanout rows) gets on the machine, as opposed to a sequential
 // read. Built and loaded by block_read.py (plain C ABI, ctypes).
