@@ -9,6 +9,7 @@
 #include "../checks.h"
 #include "../common/online_softmax.h"
 #include "kernels.h"
+#include "prefetch_stream.h"
 #include "simd.h"
 
 namespace mllm::cpu {
@@ -64,8 +65,10 @@ std::tuple<at::Tensor, at::Tensor> cls_pool(const at::Tensor& x, const at::Tenso
     const int64_t* offset_data = offsets.data_ptr<int64_t>();
     x_t* pooled_data = pooled.data_ptr<x_t>();
     acc_t* lse_data = lse.data_ptr<acc_t>();
+    const int64_t num_rows = x.size(0);
+    const int64_t lead_rows = std::max<int64_t>(1, kPrefetchBytes / std::max<int64_t>(dim * int64_t(sizeof(x_t)), 1));
     at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> logits(kRowTile * heads), accum(heads * dim);
+      std::vector<acc_t> logits(kRowTile * heads), weights(heads * kRowTile), accum(heads * dim);
       std::vector<OnlineSoftmax<acc_t>> softmax(heads);
       for (int64_t c = begin; c < end; ++c) {
         std::fill(accum.begin(), accum.end(), acc_t(0));
@@ -73,9 +76,25 @@ std::tuple<at::Tensor, at::Tensor> cls_pool(const at::Tensor& x, const at::Tenso
         for (int64_t tile = offset_data[c]; tile < offset_data[c + 1]; tile += kRowTile) {
           const int64_t rows = std::min(kRowTile, offset_data[c + 1] - tile);
           const x_t* x_tile = x_data + tile * dim;
-          // Row by row, so x is read as one sequential stream (faster here than row tiles).
-          for (int64_t r = 0; r < rows; ++r)
-            multi_dot_split(q_data, heads, dim, x_tile + r * dim, logits.data() + r * heads);
+          // The logits kMaxDotGroup rows at a time (a tile of dot products keeps the FMA units
+          // busy; a row alone against one to four heads waits on each FMA's latency), with the
+          // prefetch of the rows kPrefetchBytes ahead spread over them (PrefetchSpread): with the
+          // hardware prefetchers alone, one head read x at about half the sequential rate.
+          for (int64_t r0 = 0; r0 < rows; r0 += kMaxDotGroup) {
+            const int64_t group = std::min<int64_t>(kMaxDotGroup, rows - r0);
+            const x_t* group_rows[kMaxDotGroup];
+            acc_t* group_logits[kMaxDotGroup];
+            for (int64_t i = 0; i < group; ++i) {
+              group_rows[i] = x_tile + (r0 + i) * dim;
+              group_logits[i] = logits.data() + (r0 + i) * heads;
+            }
+            const int64_t ahead_first = std::min(num_rows, tile + r0 + lead_rows);
+            const int64_t ahead_last = std::min(num_rows, tile + r0 + group + lead_rows);
+            PrefetchSpread spread{reinterpret_cast<const char*>(x_data + ahead_first * dim),
+                                  reinterpret_cast<const char*>(x_data + ahead_last * dim)};
+            multi_dot_many(ContiguousRows<acc_t>{q_data, dim}, heads, dim, group_rows, group, group_logits, &spread);
+            spread.finish();
+          }
           for (int64_t h = 0; h < heads; ++h) {
             acc_t tile_max = -INFINITY;
             for (int64_t r = 0; r < rows; ++r) tile_max = std::max(tile_max, logits[r * heads + h]);
@@ -83,8 +102,10 @@ std::tuple<at::Tensor, at::Tensor> cls_pool(const at::Tensor& x, const at::Tenso
             acc_t* acc_row = accum.data() + h * dim;
             if (factor != acc_t(1))
               for (int64_t d = 0; d < dim; ++d) acc_row[d] *= factor;
-            for (int64_t r = 0; r < rows; ++r) axpy(acc_row, softmax[h].weigh(logits[r * heads + h]), x_tile + r * dim, dim);
+            for (int64_t r = 0; r < rows; ++r) weights[h * rows + r] = softmax[h].weigh(logits[r * heads + h]);
           }
+          // Every head's accumulator from the tile's rows, each row converted once for all heads.
+          axpy_tile(accum.data(), heads, weights.data(), x_tile, rows, dim);
         }
         for (int64_t h = 0; h < heads; ++h) {
           const acc_t sum = softmax[h].sum;

@@ -324,11 +324,13 @@ inline void multi_dot_keys(const acc_t* const* rows, int64_t num_rows, int64_t d
 // order), but its bits differ from multi_dot's, so the descent (whose scores must tie exactly)
 // does not use it.
 template <typename acc_t, typename x_t>
-inline void multi_dot_split(const acc_t* rows, int64_t num_rows, int64_t dim, const x_t* x, acc_t* out) {
+inline void multi_dot_split(const acc_t* rows, int64_t num_rows, int64_t dim, const x_t* x, acc_t* out,
+                            PrefetchSpread* spread = nullptr) {
 #if MLLM_SIMD_WIDTH
   if constexpr (kSimdDot<acc_t, x_t>)
-    return detail::multi_dot_simd<1, true>(ContiguousRows<float>{rows, dim}, num_rows, dim, &x, &out);
+    return detail::multi_dot_simd<1, true>(ContiguousRows<float>{rows, dim}, num_rows, dim, &x, &out, spread);
 #endif
+  if (spread != nullptr) spread->finish();
   multi_dot(rows, num_rows, dim, x, out);
 }
 
@@ -371,6 +373,56 @@ inline void axpy_rows(acc_t* acc, const acc_t* weights, const x_t* x, int64_t nu
     acc_t sum = acc[d];
     for (int64_t r = 0; r < num_rows; ++r) sum += weights[r] * static_cast<acc_t>(x[r * stride + d]);
     acc[d] = sum;
+  }
+}
+
+// The most accumulators axpy_tile updates in one pass over the rows.
+constexpr int64_t kMaxAxpyGroup = 8;
+
+// acc[a * dim + d] += sum_r weights[a * num_rows + r] * x[r * dim + d] for a < num_acc, d < dim
+// (acc: [num_acc, dim], weights: [num_acc, num_rows], x: [num_rows, dim] contiguous): each x vector
+// is loaded (and converted) once for up to kMaxAxpyGroup accumulators, and each accumulator vector
+// loaded and stored once per call. The rows are added in order, one FMA each, as axpy adds them
+// called row by row.
+template <typename acc_t, typename x_t>
+inline void axpy_tile(acc_t* acc, int64_t num_acc, const acc_t* weights, const x_t* x, int64_t num_rows, int64_t dim) {
+  for (int64_t a0 = 0; a0 < num_acc; a0 += kMaxAxpyGroup) {
+    const int64_t group = std::min(kMaxAxpyGroup, num_acc - a0);
+    acc_t* acc_group = acc + a0 * dim;
+    const acc_t* weight_group = weights + a0 * num_rows;
+    int64_t d = 0;
+#if MLLM_SIMD_WIDTH
+    if constexpr (std::is_same_v<acc_t, float> && !std::is_same_v<x_t, double>) {
+      auto vectors = [&](auto group_size) {
+        constexpr int G = decltype(group_size)::value;
+        for (; d + MLLM_SIMD_WIDTH <= dim; d += MLLM_SIMD_WIDTH) {
+          vfloat sum[G];
+          for (int g = 0; g < G; ++g) sum[g] = vload(acc_group + g * dim + d);
+          for (int64_t r = 0; r < num_rows; ++r) {
+            const vfloat xv = vload(x + r * dim + d);
+            for (int g = 0; g < G; ++g) sum[g] = vfma(vset1(weight_group[g * num_rows + r]), xv, sum[g]);
+          }
+          for (int g = 0; g < G; ++g) vstore(acc_group + g * dim + d, sum[g]);
+        }
+      };
+      switch (group) {
+        case 8: vectors(std::integral_constant<int, 8>{}); break;
+        case 7: vectors(std::integral_constant<int, 7>{}); break;
+        case 6: vectors(std::integral_constant<int, 6>{}); break;
+        case 5: vectors(std::integral_constant<int, 5>{}); break;
+        case 4: vectors(std::integral_constant<int, 4>{}); break;
+        case 3: vectors(std::integral_constant<int, 3>{}); break;
+        case 2: vectors(std::integral_constant<int, 2>{}); break;
+        default: vectors(std::integral_constant<int, 1>{}); break;
+      }
+    }
+#endif
+    for (int64_t g = 0; g < group; ++g)
+      for (int64_t e = d; e < dim; ++e) {
+        acc_t sum = acc_group[g * dim + e];
+        for (int64_t r = 0; r < num_rows; ++r) sum += weight_group[g * num_rows + r] * static_cast<acc_t>(x[r * dim + e]);
+        acc_group[g * dim + e] = sum;
+      }
   }
 }
 
