@@ -107,6 +107,19 @@ inline float vsum(vfloat v) {
 }
 #endif
 
+// Calls fn(std::integral_constant<int, n>{}) for a run-time n in [1, kMax] (clamped), so that the
+// loops over n inside fn are unrolled and their vectors kept in registers.
+template <int kMax, typename Fn>
+inline void with_count(int64_t n, Fn&& fn) {
+  if constexpr (kMax <= 1) {
+    fn(std::integral_constant<int, 1>{});
+  } else if (n >= kMax) {
+    fn(std::integral_constant<int, kMax>{});
+  } else {
+    with_count<kMax - 1>(n, fn);
+  }
+}
+
 #if MLLM_SIMD_WIDTH
 namespace detail {
 // out[x][r] = <rows[r][:dim], xs[x]> for r < kRows (up to four) and x < kX, each dot product over kS
@@ -265,19 +278,10 @@ inline void multi_dot_many(const Rows& rows, int64_t num_rows, int64_t dim, cons
                            acc_t* const* outs, PrefetchSpread* spread = nullptr) {
 #if MLLM_SIMD_WIDTH
   if constexpr (kSimdDot<acc_t, x_t>) {
-    for (int64_t x = 0; x < num_xs; x += kMaxDotGroup) {
-      auto group = [&](auto xs_in_group) {
+    for (int64_t x = 0; x < num_xs; x += kMaxDotGroup)
+      with_count<kMaxDotGroup>(num_xs - x, [&](auto xs_in_group) {
         detail::multi_dot_simd<decltype(xs_in_group)::value, false>(rows, num_rows, dim, xs + x, outs + x, spread);
-      };
-      switch (std::min<int64_t>(num_xs - x, kMaxDotGroup)) {
-        case 6: group(std::integral_constant<int, 6>{}); break;
-        case 5: group(std::integral_constant<int, 5>{}); break;
-        case 4: group(std::integral_constant<int, 4>{}); break;
-        case 3: group(std::integral_constant<int, 3>{}); break;
-        case 2: group(std::integral_constant<int, 2>{}); break;
-        default: group(std::integral_constant<int, 1>{}); break;
-      }
-    }
+      });
     return;
   }
 #endif
@@ -377,7 +381,7 @@ inline void axpy_rows(acc_t* acc, const acc_t* weights, const x_t* x, int64_t nu
 }
 
 // The most accumulators axpy_tile updates in one pass over the rows.
-constexpr int64_t kMaxAxpyGroup = 8;
+constexpr int kMaxAxpyGroup = 8;
 
 // acc[a * dim + d] += sum_r weights[a * num_rows + r] * x[r * dim + d] for a < num_acc, d < dim
 // (acc: [num_acc, dim], weights: [num_acc, num_rows], x: [num_rows, dim] contiguous): each x vector
@@ -387,13 +391,13 @@ constexpr int64_t kMaxAxpyGroup = 8;
 template <typename acc_t, typename x_t>
 inline void axpy_tile(acc_t* acc, int64_t num_acc, const acc_t* weights, const x_t* x, int64_t num_rows, int64_t dim) {
   for (int64_t a0 = 0; a0 < num_acc; a0 += kMaxAxpyGroup) {
-    const int64_t group = std::min(kMaxAxpyGroup, num_acc - a0);
+    const int64_t group = std::min<int64_t>(kMaxAxpyGroup, num_acc - a0);
     acc_t* acc_group = acc + a0 * dim;
     const acc_t* weight_group = weights + a0 * num_rows;
     int64_t d = 0;
 #if MLLM_SIMD_WIDTH
     if constexpr (std::is_same_v<acc_t, float> && !std::is_same_v<x_t, double>) {
-      auto vectors = [&](auto group_size) {
+      with_count<kMaxAxpyGroup>(group, [&](auto group_size) {
         constexpr int G = decltype(group_size)::value;
         for (; d + MLLM_SIMD_WIDTH <= dim; d += MLLM_SIMD_WIDTH) {
           vfloat sum[G];
@@ -404,17 +408,7 @@ inline void axpy_tile(acc_t* acc, int64_t num_acc, const acc_t* weights, const x
           }
           for (int g = 0; g < G; ++g) vstore(acc_group + g * dim + d, sum[g]);
         }
-      };
-      switch (group) {
-        case 8: vectors(std::integral_constant<int, 8>{}); break;
-        case 7: vectors(std::integral_constant<int, 7>{}); break;
-        case 6: vectors(std::integral_constant<int, 6>{}); break;
-        case 5: vectors(std::integral_constant<int, 5>{}); break;
-        case 4: vectors(std::integral_constant<int, 4>{}); break;
-        case 3: vectors(std::integral_constant<int, 3>{}); break;
-        case 2: vectors(std::integral_constant<int, 2>{}); break;
-        default: vectors(std::integral_constant<int, 1>{}); break;
-      }
+      });
     }
 #endif
     for (int64_t g = 0; g < group; ++g)
