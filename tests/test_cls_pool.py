@@ -83,6 +83,17 @@ def test_values(backend, dtype, layout, D, H, gen):
     check_pooled(out, x, q, offsets, D**-0.5)
 
 
+@pytest.mark.parametrize("dtype", dtypes_for("cpu"), ids=str)
+@pytest.mark.parametrize("H", [4, 8, 11])
+@pytest.mark.parametrize("layout", ["one_long", "many_small"])
+def test_many_heads_cpu(dtype, H, layout, gen):
+    """More heads than one pass of the CPU kernel's accumulator update takes (8), and tiles of
+    rows with a partial last group of logits (150 rows: tiles of 16, groups of 6)."""
+    x, q, offsets = make_inputs(layout, 100, H, dtype, gen)
+    out = mk.cls_pool(x, q, offsets, backend="cpu")
+    check_pooled(out, x, q, offsets, 100**-0.5)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("scale", [0.0, 3.0, -1.5, 1e-3], ids=lambda s: f"scale{s}")
 def test_explicit_scale(backend, scale, gen):
