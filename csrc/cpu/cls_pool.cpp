@@ -112,7 +112,7 @@ std::tuple<at::Tensor, at::Tensor> cls_pool(const at::Tensor& x, const at::Tenso
           const acc_t inv = sum > 0 ? acc_t(1) / sum : acc_t(0);
           x_t* out = pooled_data + (c * heads + h) * dim;
           const acc_t* acc_row = accum.data() + h * dim;
-          for (int64_t d = 0; d < dim; ++d) out[d] = static_cast<x_t>(acc_row[d] * inv);
+          store_scaled(out, acc_row, inv, dim);
           lse_data[c * heads + h] = softmax[h].log_sum_exp();
         }
       }
@@ -163,24 +163,32 @@ std::tuple<at::Tensor, at::Tensor> cls_pool_backward(const at::Tensor& grad_out,
     at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
       acc_t* grad_q_local = grad_q_data + at::get_thread_num() * heads * dim;
       // rows_2h = [scale * q; grad_out[c]]: one pass over x_i gives both dot products.
-      std::vector<acc_t> rows_2h(2 * heads * dim), dots(2 * heads), grad_row(dim);
+      std::vector<acc_t> rows_2h(2 * heads * dim), dots(2 * heads), grad_row(dim), row_weights(2 * heads);
+      std::vector<acc_t> q_weights(heads * kRowTile);  // [heads, rows of a tile]: ds * scale
       for (int64_t h = 0; h < heads; ++h)
         for (int64_t d = 0; d < dim; ++d) rows_2h[h * dim + d] = s * q_data[h * dim + d];
       for (int64_t c = begin; c < end; ++c) {
         std::copy(grad_data + c * heads * dim, grad_data + (c + 1) * heads * dim, rows_2h.begin() + heads * dim);
-        for (int64_t i = offset_data[c]; i < offset_data[c + 1]; ++i) {
-          const x_t* x_row = x_data + i * dim;
-          multi_dot_split(rows_2h.data(), 2 * heads, dim, x_row, dots.data());
-          std::fill(grad_row.begin(), grad_row.end(), acc_t(0));
-          for (int64_t h = 0; h < heads; ++h) {
-            const acc_t p = std::exp(dots[h] - lse_data[c * heads + h]);
-            const acc_t ds = p * (dots[heads + h] - delta_data[c * heads + h]);
-            axpy(grad_row.data(), p, rows_2h.data() + (heads + h) * dim, dim);  // p * grad_out[c, h]
-            axpy(grad_row.data(), ds, rows_2h.data() + h * dim, dim);           // ds * scale * q[h]
-            axpy(grad_q_local + h * dim, ds * s, x_row, dim);
+        for (int64_t tile = offset_data[c]; tile < offset_data[c + 1]; tile += kRowTile) {
+          const int64_t rows = std::min(kRowTile, offset_data[c + 1] - tile);
+          for (int64_t r = 0; r < rows; ++r) {
+            const x_t* x_row = x_data + (tile + r) * dim;
+            multi_dot_split(rows_2h.data(), 2 * heads, dim, x_row, dots.data());
+            for (int64_t h = 0; h < heads; ++h) {
+              const acc_t p = std::exp(dots[h] - lse_data[c * heads + h]);
+              const acc_t ds = p * (dots[heads + h] - delta_data[c * heads + h]);
+              row_weights[h] = ds;          // ds * scale * q[h]
+              row_weights[heads + h] = p;   // p * grad_out[c, h]
+              q_weights[h * rows + r] = ds * s;
+            }
+            // grad_x_i = sum_h ds_h * scale * q[h] + p_h * grad_out[c, h], in one pass.
+            std::fill(grad_row.begin(), grad_row.end(), acc_t(0));
+            axpy_tile(grad_row.data(), 1, row_weights.data(), rows_2h.data(), 2 * heads, dim);
+            x_t* grad_x_row = grad_x_data + (tile + r) * dim;
+            store_scaled(grad_x_row, grad_row.data(), acc_t(1), dim);
           }
-          x_t* grad_x_row = grad_x_data + i * dim;
-          for (int64_t d = 0; d < dim; ++d) grad_x_row[d] = static_cast<x_t>(grad_row[d]);
+          // grad_q[h] += sum_r ds_r,h * scale * x_r over the tile, every head in one pass.
+          axpy_tile(grad_q_local, heads, q_weights.data(), x_data + tile * dim, rows, dim);
         }
       }
     });

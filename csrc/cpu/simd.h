@@ -420,6 +420,29 @@ inline void axpy_tile(acc_t* acc, int64_t num_acc, const acc_t* weights, const x
   }
 }
 
+// out[d] = x_t(in[d] * scale) for d < n: float32 to float16 a vector at a time (F16C / AVX-512,
+// round to nearest even like c10::Half), other types one element at a time.
+template <typename x_t, typename acc_t>
+inline void store_scaled(x_t* out, const acc_t* in, acc_t scale, int64_t n) {
+  int64_t d = 0;
+#if MLLM_SIMD_WIDTH == 16
+  if constexpr (std::is_same_v<x_t, c10::Half> && std::is_same_v<acc_t, float>) {
+    for (; d + 16 <= n; d += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + d),
+                          _mm512_cvtps_ph(_mm512_mul_ps(_mm512_loadu_ps(in + d), _mm512_set1_ps(scale)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+#elif MLLM_SIMD_WIDTH == 8
+  if constexpr (std::is_same_v<x_t, c10::Half> && std::is_same_v<acc_t, float>) {
+    for (; d + 8 <= n; d += 8)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + d),
+                       _mm256_cvtps_ph(_mm256_mul_ps(_mm256_loadu_ps(in + d), _mm256_set1_ps(scale)),
+                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+#endif
+  for (; d < n; ++d) out[d] = static_cast<x_t>(in[d] * scale);
+}
+
 // acc[d] += weight * x[d].
 template <typename acc_t, typename x_t>
 inline void axpy(acc_t* acc, acc_t weight, const x_t* x, int64_t dim) {
