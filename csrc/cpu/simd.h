@@ -40,6 +40,10 @@ inline vfloat vload(const int8_t* p) {
 }
 inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm512_fmadd_ps(a, b, c); }
 inline void vstore(float* p, vfloat v) { _mm512_storeu_ps(p, v); }
+inline void vstore(c10::Half* p, vfloat v) {  // round to nearest even, as c10::Half
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+inline vfloat vmul(vfloat a, vfloat b) { return _mm512_mul_ps(a, b); }
 inline uint32_t vat_least_mask(vfloat a, vfloat b) { return _mm512_cmp_ps_mask(a, b, _CMP_GE_OQ); }
 inline __m256 fold256(vfloat v) {
   // Masked extracts: GCC 12's plain extract and cast pass an undefined vector, which trips
@@ -68,6 +72,10 @@ inline vfloat vload(const int8_t* p) {
 }
 inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm256_fmadd_ps(a, b, c); }
 inline void vstore(float* p, vfloat v) { _mm256_storeu_ps(p, v); }
+inline void vstore(c10::Half* p, vfloat v) {  // round to nearest even, as c10::Half
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+inline vfloat vmul(vfloat a, vfloat b) { return _mm256_mul_ps(a, b); }
 inline uint32_t vat_least_mask(vfloat a, vfloat b) {
   return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_GE_OQ)));
 }
@@ -425,20 +433,9 @@ inline void axpy_tile(acc_t* acc, int64_t num_acc, const acc_t* weights, const x
 template <typename x_t, typename acc_t>
 inline void store_scaled(x_t* out, const acc_t* in, acc_t scale, int64_t n) {
   int64_t d = 0;
-#if MLLM_SIMD_WIDTH == 16
-  if constexpr (std::is_same_v<x_t, c10::Half> && std::is_same_v<acc_t, float>) {
-    for (; d + 16 <= n; d += 16)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + d),
-                          _mm512_cvtps_ph(_mm512_mul_ps(_mm512_loadu_ps(in + d), _mm512_set1_ps(scale)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  }
-#elif MLLM_SIMD_WIDTH == 8
-  if constexpr (std::is_same_v<x_t, c10::Half> && std::is_same_v<acc_t, float>) {
-    for (; d + 8 <= n; d += 8)
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + d),
-                       _mm256_cvtps_ph(_mm256_mul_ps(_mm256_loadu_ps(in + d), _mm256_set1_ps(scale)),
-                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  }
+#if MLLM_SIMD_WIDTH
+  if constexpr (std::is_same_v<x_t, c10::Half> && std::is_same_v<acc_t, float>)
+    for (; d + MLLM_SIMD_WIDTH <= n; d += MLLM_SIMD_WIDTH) vstore(out + d, vmul(vload(in + d), vset1(scale)));
 #endif
   for (; d < n; ++d) out[d] = static_cast<x_t>(in[d] * scale);
 }
