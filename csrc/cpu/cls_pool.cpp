@@ -105,7 +105,7 @@ std::tuple<at::Tensor, at::Tensor> cls_pool(const at::Tensor& x, const at::Tenso
             for (int64_t r = 0; r < rows; ++r) weights[h * rows + r] = softmax[h].weigh(logits[r * heads + h]);
           }
           // Every head's accumulator from the tile's rows, each row converted once for all heads.
-          axpy_tile(accum.data(), heads, weights.data(), x_tile, rows, dim);
+          axpy_tile(accum.data(), heads, weights.data(), x_tile, rows, dim, dim);
         }
         for (int64_t h = 0; h < heads; ++h) {
           const acc_t sum = softmax[h].sum;
@@ -183,12 +183,12 @@ std::tuple<at::Tensor, at::Tensor> cls_pool_backward(const at::Tensor& grad_out,
             }
             // grad_x_i = sum_h ds_h * scale * q[h] + p_h * grad_out[c, h], in one pass.
             std::fill(grad_row.begin(), grad_row.end(), acc_t(0));
-            axpy_tile(grad_row.data(), 1, row_weights.data(), rows_2h.data(), 2 * heads, dim);
+            axpy_tile(grad_row.data(), 1, row_weights.data(), rows_2h.data(), 2 * heads, dim, dim);
             x_t* grad_x_row = grad_x_data + (tile + r) * dim;
             store_scaled(grad_x_row, grad_row.data(), acc_t(1), dim);
           }
           // grad_q[h] += sum_r ds_r,h * scale * x_r over the tile, every head in one pass.
-          axpy_tile(grad_q_local, heads, q_weights.data(), x_data + tile * dim, rows, dim);
+          axpy_tile(grad_q_local, heads, q_weights.data(), x_data + tile * dim, rows, dim, dim);
         }
       }
     });

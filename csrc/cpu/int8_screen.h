@@ -151,7 +151,6 @@ inline void round_probe(const float* x, int64_t dim, float s, float inv, int dig
   for (int i = 0; i < 8; ++i) digit_sum += lanes[i];
   round_probe_tail(x, d, dim, s, inv, digit_max, digits, err, digit_sum, remainders);
 }
-
 }  // namespace detail
 #endif
 

@@ -115,7 +115,8 @@ struct PrefetchSpread {
 
   // Prefetches the rest at once.
   void finish() {
-    for (; next < end; next += 64) prefetch_line(next);
+    if (next < end) prefetch_row(next, end - next);
+    next = end;
   }
 };
 

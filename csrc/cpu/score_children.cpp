@@ -194,7 +194,7 @@ std::tuple<at::Tensor, at::Tensor> score_children_backward(const at::Tensor& gra
             const int64_t child = id_data[b * num_slots + s];
             if (child < 0) continue;
             // grad_keys[child] += sum_p coef[b, s, p] * probes[b, p], one pass over the row.
-            axpy_rows(grad_key_data + child * dim + col_begin, coef_data + (b * num_slots + s) * num_probes,
+            axpy_tile(grad_key_data + child * dim + col_begin, 1, coef_data + (b * num_slots + s) * num_probes,
                       probe_data + b * num_probes * dim + col_begin, num_probes, col_end - col_begin, dim);
           }
         }

@@ -336,13 +336,11 @@ inline void multi_dot_keys(const acc_t* const* rows, int64_t num_rows, int64_t d
 // order), but its bits differ from multi_dot's, so the descent (whose scores must tie exactly)
 // does not use it.
 template <typename acc_t, typename x_t>
-inline void multi_dot_split(const acc_t* rows, int64_t num_rows, int64_t dim, const x_t* x, acc_t* out,
-                            PrefetchSpread* spread = nullptr) {
+inline void multi_dot_split(const acc_t* rows, int64_t num_rows, int64_t dim, const x_t* x, acc_t* out) {
 #if MLLM_SIMD_WIDTH
   if constexpr (kSimdDot<acc_t, x_t>)
-    return detail::multi_dot_simd<1, true>(ContiguousRows<float>{rows, dim}, num_rows, dim, &x, &out, spread);
+    return detail::multi_dot_simd<1, true>(ContiguousRows<float>{rows, dim}, num_rows, dim, &x, &out);
 #endif
-  if (spread != nullptr) spread->finish();
   multi_dot(rows, num_rows, dim, x, out);
 }
 
@@ -365,39 +363,17 @@ inline uint32_t at_least_mask(const acc_t* values, const acc_t* bounds, int64_t 
   return mask;
 }
 
-// acc[d] += sum_r weights[r] * x[r * stride + d] for d < dim, over num_rows rows of x that are
-// `stride` elements apart: each accumulator vector is loaded and stored once per call, not once
-// per row.
-template <typename acc_t, typename x_t>
-inline void axpy_rows(acc_t* acc, const acc_t* weights, const x_t* x, int64_t num_rows, int64_t dim,
-                      int64_t stride) {
-  int64_t d = 0;
-#if MLLM_SIMD_WIDTH
-  if constexpr (std::is_same_v<acc_t, float> && !std::is_same_v<x_t, double>) {
-    for (; d + MLLM_SIMD_WIDTH <= dim; d += MLLM_SIMD_WIDTH) {
-      vfloat sum = vload(acc + d);
-      for (int64_t r = 0; r < num_rows; ++r) sum = vfma(vset1(weights[r]), vload(x + r * stride + d), sum);
-      vstore(acc + d, sum);
-    }
-  }
-#endif
-  for (; d < dim; ++d) {
-    acc_t sum = acc[d];
-    for (int64_t r = 0; r < num_rows; ++r) sum += weights[r] * static_cast<acc_t>(x[r * stride + d]);
-    acc[d] = sum;
-  }
-}
-
 // The most accumulators axpy_tile updates in one pass over the rows.
 constexpr int kMaxAxpyGroup = 8;
 
-// acc[a * dim + d] += sum_r weights[a * num_rows + r] * x[r * dim + d] for a < num_acc, d < dim
-// (acc: [num_acc, dim], weights: [num_acc, num_rows], x: [num_rows, dim] contiguous): each x vector
-// is loaded (and converted) once for up to kMaxAxpyGroup accumulators, and each accumulator vector
-// loaded and stored once per call. The rows are added in order, one FMA each, as axpy adds them
-// called row by row.
+// acc[a * dim + d] += sum_r weights[a * num_rows + r] * x[r * x_stride + d] for a < num_acc, d < dim
+// (acc: [num_acc, dim] contiguous, weights: [num_acc, num_rows], x: num_rows rows x_stride elements
+// apart): each x vector is loaded (and converted) once for up to kMaxAxpyGroup accumulators, and
+// each accumulator vector loaded and stored once per call. The rows are added in order, one FMA
+// each, as axpy adds them called row by row.
 template <typename acc_t, typename x_t>
-inline void axpy_tile(acc_t* acc, int64_t num_acc, const acc_t* weights, const x_t* x, int64_t num_rows, int64_t dim) {
+inline void axpy_tile(acc_t* acc, int64_t num_acc, const acc_t* weights, const x_t* x, int64_t num_rows, int64_t dim,
+                      int64_t x_stride) {
   for (int64_t a0 = 0; a0 < num_acc; a0 += kMaxAxpyGroup) {
     const int64_t group = std::min<int64_t>(kMaxAxpyGroup, num_acc - a0);
     acc_t* acc_group = acc + a0 * dim;
@@ -411,7 +387,7 @@ inline void axpy_tile(acc_t* acc, int64_t num_acc, const acc_t* weights, const x
           vfloat sum[G];
           for (int g = 0; g < G; ++g) sum[g] = vload(acc_group + g * dim + d);
           for (int64_t r = 0; r < num_rows; ++r) {
-            const vfloat xv = vload(x + r * dim + d);
+            const vfloat xv = vload(x + r * x_stride + d);
             for (int g = 0; g < G; ++g) sum[g] = vfma(vset1(weight_group[g * num_rows + r]), xv, sum[g]);
           }
           for (int g = 0; g < G; ++g) vstore(acc_group + g * dim + d, sum[g]);
@@ -422,7 +398,8 @@ inline void axpy_tile(acc_t* acc, int64_t num_acc, const acc_t* weights, const x
     for (int64_t g = 0; g < group; ++g)
       for (int64_t e = d; e < dim; ++e) {
         acc_t sum = acc_group[g * dim + e];
-        for (int64_t r = 0; r < num_rows; ++r) sum += weight_group[g * num_rows + r] * static_cast<acc_t>(x[r * dim + e]);
+        for (int64_t r = 0; r < num_rows; ++r)
+          sum += weight_group[g * num_rows + r] * static_cast<acc_t>(x[r * x_stride + e]);
         acc_group[g * dim + e] = sum;
       }
   }
@@ -443,7 +420,7 @@ inline void store_scaled(x_t* out, const acc_t* in, acc_t scale, int64_t n) {
 // acc[d] += weight * x[d].
 template <typename acc_t, typename x_t>
 inline void axpy(acc_t* acc, acc_t weight, const x_t* x, int64_t dim) {
-  axpy_rows(acc, &weight, x, 1, dim, dim);
+  axpy_tile(acc, 1, &weight, x, 1, dim, dim);
 }
 
 }  // namespace mllm::cpu
